@@ -1,0 +1,57 @@
+"""Type stubs of the native module ``sparsekit._core`` (the PyO3 binding of sparsekit-core).
+
+Low-level: arrays are contiguous 1-D numpy views; float16/bfloat16 data cross as int16 views of
+their bits with the ``dtype`` tag. Use the checked wrappers in ``sparsekit.select`` instead.
+"""
+
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def topk_masks(
+    sources: Sequence[npt.NDArray[np.generic]],
+    masks: Sequence[npt.NDArray[np.bool_]],
+    dtype: str,
+    k: int,
+    by: str,
+) -> None:
+    """Write a top-k selection over all ``sources`` together into ``masks`` (same lengths)."""
+
+def kth_values(sources: Sequence[npt.NDArray[np.generic]], dtype: str, ranks: Sequence[int], by: str) -> list[float]:
+    """The ``rank``-th largest score (1-based) over all ``sources``, for each rank."""
+
+def nm_mask(
+    x: npt.NDArray[np.generic],
+    out: npt.NDArray[np.bool_],
+    dtype: str,
+    length: int,
+    inner: int,
+    n: int,
+    m: int,
+    by: str,
+) -> None:
+    """N:M mask of ``x`` viewed as (outer, length, inner), groups of ``m`` along ``length``."""
+
+def block_topk_mask(
+    x: npt.NDArray[np.generic],
+    mask: npt.NDArray[np.bool_],
+    block_mask: npt.NDArray[np.bool_],
+    dtype: str,
+    shape: tuple[int, int],
+    block: tuple[int, int],
+    k: int,
+    norm: str,
+) -> None:
+    """Keep the ``k`` blocks of highest norm; fills the element mask and the block mask."""
+
+def set_num_threads(n: int) -> None:
+    """Set the worker thread count (0: back to the default)."""
+
+def get_num_threads() -> int:
+    """The worker thread count the next parallel call will use."""
+
+def build_profile() -> str:
+    """"release" or "debug"."""

@@ -1,0 +1,36 @@
+//! The core's one error type. Every variant names the argument at fault so the binding layer can
+//! turn it into a Python `ValueError` the user can act on.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SelectError {
+    /// A score is NaN; NaN has no place in an order, so selection refuses it.
+    NanInput { arg: &'static str },
+    /// `k` is outside `0..=n`.
+    KOutOfRange { k: u64, n: u64 },
+    /// A 1-based rank is outside `1..=n`.
+    RankOutOfRange { rank: u64, n: u64 },
+    /// An output buffer does not match its input in length.
+    LengthMismatch { arg: &'static str, expected: usize, got: usize },
+    /// An argument has an invalid value (the message says which and why).
+    Invalid { arg: &'static str, why: String },
+}
+
+impl fmt::Display for SelectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SelectError::NanInput { arg } => {
+                write!(f, "{arg} contains NaN; NaN scores cannot be ranked (replace them, e.g. with torch.nan_to_num)")
+            }
+            SelectError::KOutOfRange { k, n } => write!(f, "k must be in [0, {n}] (number of elements), got {k}"),
+            SelectError::RankOutOfRange { rank, n } => write!(f, "rank must be in [1, {n}], got {rank}"),
+            SelectError::LengthMismatch { arg, expected, got } => {
+                write!(f, "{arg} has {got} elements, expected {expected}")
+            }
+            SelectError::Invalid { arg, why } => write!(f, "invalid {arg}: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for SelectError {}

@@ -1,0 +1,119 @@
+//! Block masks: score each `bh x bw` block of a matrix by a norm and keep the top-k blocks.
+//!
+//! Norms are accumulated in f64 in row-major order inside each block, so they are the same on every
+//! thread count. "l2" ranks by the sum of squares (same order as the L2 norm, no square root).
+//! Equal scores are broken by lower block index (row-major over blocks).
+
+use rayon::prelude::*;
+
+use super::key::{Order, Score};
+use super::mask::write_masks;
+use super::radix::topk_threshold;
+use crate::error::SelectError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockNorm {
+    L1,
+    L2,
+    Max,
+}
+
+/// A `rows x cols` row-major matrix cut into `bh x bw` blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockGrid {
+    pub rows: usize,
+    pub cols: usize,
+    pub bh: usize,
+    pub bw: usize,
+}
+
+impl BlockGrid {
+    pub fn check(&self, len: usize) -> Result<(), SelectError> {
+        if self.bh == 0 || self.bw == 0 {
+            return Err(SelectError::Invalid { arg: "block", why: format!("block sizes must be positive, got ({}, {})", self.bh, self.bw) });
+        }
+        if self.rows % self.bh != 0 || self.cols % self.bw != 0 {
+            return Err(SelectError::Invalid {
+                arg: "block",
+                why: format!("block ({}, {}) does not divide the shape ({}, {})", self.bh, self.bw, self.rows, self.cols),
+            });
+        }
+        if self.rows * self.cols != len {
+            return Err(SelectError::LengthMismatch { arg: "x", expected: self.rows * self.cols, got: len });
+        }
+        Ok(())
+    }
+    pub fn block_rows(&self) -> usize {
+        self.rows / self.bh
+    }
+    pub fn block_cols(&self) -> usize {
+        self.cols / self.bw
+    }
+    pub fn num_blocks(&self) -> usize {
+        self.block_rows() * self.block_cols()
+    }
+}
+
+/// One score per block, row-major over blocks.
+pub fn block_scores<T: Score>(x: &[T], grid: BlockGrid, norm: BlockNorm) -> Result<Vec<f64>, SelectError> {
+    grid.check(x.len())?;
+    let mut scores = vec![0.0f64; grid.num_blocks()];
+    if scores.is_empty() {
+        return Ok(scores);
+    }
+    let bc = grid.block_cols();
+    scores.par_chunks_mut(bc).enumerate().try_for_each(|(br, row_scores)| {
+        for r in br * grid.bh..(br + 1) * grid.bh {
+            let row = &x[r * grid.cols..(r + 1) * grid.cols];
+            for (acc, block) in row_scores.iter_mut().zip(row.chunks(grid.bw)) {
+                for &v in block {
+                    if v.is_nan() {
+                        return Err(SelectError::NanInput { arg: "x" });
+                    }
+                    let a = v.to_f64().abs();
+                    match norm {
+                        BlockNorm::L1 => *acc += a,
+                        BlockNorm::L2 => *acc += a * a,
+                        BlockNorm::Max => *acc = acc.max(a),
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(scores)
+}
+
+/// Keep the `k` highest-scoring blocks: fills the element mask and the block mask.
+pub fn block_topk_mask<T: Score>(
+    x: &[T],
+    grid: BlockGrid,
+    k: u64,
+    norm: BlockNorm,
+    elem_mask: &mut [bool],
+    block_mask: &mut [bool],
+) -> Result<(), SelectError> {
+    grid.check(x.len())?;
+    if elem_mask.len() != x.len() {
+        return Err(SelectError::LengthMismatch { arg: "mask", expected: x.len(), got: elem_mask.len() });
+    }
+    if block_mask.len() != grid.num_blocks() {
+        return Err(SelectError::LengthMismatch { arg: "block_mask", expected: grid.num_blocks(), got: block_mask.len() });
+    }
+    let scores = block_scores(x, grid, norm)?;
+    let sources = [&scores[..]];
+    let threshold = topk_threshold(&sources, k, Order::Value)?;
+    write_masks(&sources, &mut [&mut *block_mask], threshold, k, Order::Value)?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let bc = grid.block_cols();
+    let block_mask = &*block_mask;
+    elem_mask.par_chunks_mut(grid.cols).enumerate().for_each(|(r, row)| {
+        let blocks = &block_mask[(r / grid.bh) * bc..(r / grid.bh + 1) * bc];
+        for (chunk, &keep) in row.chunks_mut(grid.bw).zip(blocks) {
+            chunk.fill(keep);
+        }
+    });
+    Ok(())
+}

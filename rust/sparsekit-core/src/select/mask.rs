@@ -1,0 +1,85 @@
+//! Writing selection masks from an exact threshold.
+//!
+//! Keys above the threshold are kept; of the keys equal to it, exactly `take_equal` are kept, the
+//! ones with the lowest global index (source order, then position). When every equal key is kept
+//! (the common case) one parallel pass writes `key >= T`; otherwise a first pass writes `key > T` and
+//! counts the equal keys per piece, a prefix sum in piece order hands each piece its share, and only
+//! pieces with a share are visited again.
+
+use rayon::prelude::*;
+
+use super::key::{Order, Score};
+use super::pieces::split_with_out;
+use super::radix::Threshold;
+use crate::error::SelectError;
+
+pub fn check_outputs<T>(sources: &[&[T]], masks: &[&mut [bool]]) -> Result<(), SelectError> {
+    if sources.len() != masks.len() {
+        return Err(SelectError::LengthMismatch { arg: "masks", expected: sources.len(), got: masks.len() });
+    }
+    for (s, m) in sources.iter().zip(masks) {
+        if s.len() != m.len() {
+            return Err(SelectError::LengthMismatch { arg: "mask", expected: s.len(), got: m.len() });
+        }
+    }
+    Ok(())
+}
+
+/// Fill `masks` with a top-`k` selection whose threshold is `threshold` (`None`: select nothing).
+pub fn write_masks<T: Score>(
+    sources: &[&[T]],
+    masks: &mut [&mut [bool]],
+    threshold: Option<Threshold<T::Key>>,
+    k: u64,
+    order: Order,
+) -> Result<(), SelectError> {
+    check_outputs(sources, masks)?;
+    let mut pairs = split_with_out(sources, masks);
+    let Some(t) = threshold else {
+        pairs.par_iter_mut().for_each(|(_, m)| m.fill(false));
+        return Ok(());
+    };
+    let take = t.take_equal(k);
+    if take == t.equal {
+        pairs.par_iter_mut().for_each(|(s, m)| {
+            for (o, &x) in m.iter_mut().zip(s.iter()) {
+                *o = x.key(order) >= t.key;
+            }
+        });
+        return Ok(());
+    }
+    let equal_counts: Vec<u64> = pairs
+        .par_iter_mut()
+        .map(|(s, m)| {
+            let mut equal = 0u64;
+            for (o, &x) in m.iter_mut().zip(s.iter()) {
+                let key = x.key(order);
+                *o = key > t.key;
+                equal += (key == t.key) as u64;
+            }
+            equal
+        })
+        .collect();
+    let mut before = 0u64;
+    let shares: Vec<u64> = equal_counts
+        .iter()
+        .map(|&c| {
+            let share = take.saturating_sub(before).min(c);
+            before += c;
+            share
+        })
+        .collect();
+    pairs.par_iter_mut().zip(shares.par_iter()).filter(|(_, &share)| share > 0).for_each(|((s, m), &share)| {
+        let mut left = share;
+        for (o, &x) in m.iter_mut().zip(s.iter()) {
+            if x.key(order) == t.key {
+                *o = true;
+                left -= 1;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+    });
+    Ok(())
+}

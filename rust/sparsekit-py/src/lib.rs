@@ -1,0 +1,39 @@
+//! `sparsekit._core`: the thin PyO3 layer over `sparsekit-core`. One file per core module; no
+//! algorithm lives here.
+
+mod arrays;
+mod error;
+mod select;
+
+use pyo3::prelude::*;
+
+/// Set the worker thread count (0: back to `SPARSEKIT_NUM_THREADS` or the core count).
+#[pyfunction]
+fn set_num_threads(n: usize) {
+    sparsekit_core::pool::set_num_threads(n);
+}
+
+/// The worker thread count the next parallel call will use.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    sparsekit_core::pool::num_threads()
+}
+
+/// "release" or "debug": how this extension was compiled.
+#[pyfunction]
+fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) { "debug" } else { "release" }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(select::topk_masks, m)?)?;
+    m.add_function(wrap_pyfunction!(select::kth_values, m)?)?;
+    m.add_function(wrap_pyfunction!(select::nm_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(select::block_topk_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(build_profile, m)?)?;
+    Ok(())
+}
