@@ -319,7 +319,7 @@ def quantile(
     """Quantile(s) of all elements of ``x``, exactly as ``torch.quantile(x.flatten(), q, interpolation=...)``.
 
     Only the one or two order statistics each level needs are selected (no sort), so it works on any
-    size (``torch.quantile`` refuses more than 2**24 elements). The arithmetic is torch's own recipe:
+    size (older ``torch.quantile`` releases refuse more than 2**24 elements). The arithmetic is torch's own recipe:
     ``q`` rounded to the input dtype, ranks in float64, interpolation weights and ``lerp`` in the input
     dtype, so float32/float64 results match ``torch.quantile`` bit for bit. float16/bfloat16 inputs
     (which ``torch.quantile`` refuses) interpolate in float32.

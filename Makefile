@@ -1,0 +1,47 @@
+# Quick start:  make demo   (build + run the demo)      make test   (everything CI runs)
+# Both create .venv on first use (torch from PyPI: a few GB, cached by pip afterwards).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WHEEL_DIR := target/wheels-dist
+export PYO3_PYTHON := $(abspath $(PY))
+
+.PHONY: demo test install rust-test wheel-check stubtest pytest bench clean
+
+$(VENV)/.ready: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.9,<2" "torch>=2.4" "numpy>=1.26" "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" "mypy>=1.10"
+	touch $@
+
+# Build the release wheel and install it (not an editable build): tests run against what users get.
+install: $(VENV)/.ready
+	rm -rf $(WHEEL_DIR)
+	$(VENV)/bin/maturin build --release --locked -q -o $(WHEEL_DIR)
+	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEEL_DIR)/sparsekit-*.whl
+
+demo: install
+	$(PY) -m sparsekit demo
+
+rust-test: $(VENV)/.ready
+	cargo test --workspace --locked
+
+# The wheel must carry the extension, its stubs, py.typed and the CUDA sources the loader reads.
+wheel-check: install
+	$(PY) -m zipfile -l $(WHEEL_DIR)/sparsekit-*.whl
+	$(PY) .ci/check_wheel.py $(WHEEL_DIR)/sparsekit-*.whl
+
+stubtest: install
+	$(PY) -m mypy.stubtest sparsekit._core
+
+pytest: install
+	cd tests && ../$(PY) -c "import sparsekit, sys; assert 'site-packages' in sparsekit.__file__, sparsekit.__file__; print('testing', sparsekit.__file__)"
+	$(PY) -m pytest -q
+
+test: rust-test wheel-check stubtest pytest
+
+bench: install
+	$(PY) benches/report.py
+
+clean:
+	rm -rf target $(VENV)

@@ -1,0 +1,96 @@
+"""Thread pool, determinism across thread counts, fork safety, GIL release, and the CLI."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import sparsekit
+
+
+def _tie_heavy(n: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randint(-20, 21, (n,), generator=gen).float()
+    return list(x.split([n // 3, 0, n // 3, n - 2 * (n // 3)]))
+
+
+def test_same_masks_on_any_thread_count():
+    tensors = _tie_heavy(1_000_003)
+    results = []
+    try:
+        for threads in (1, 2, 3, 7):
+            sparsekit.set_num_threads(threads)
+            assert sparsekit.get_num_threads() == threads
+            results.append(sparsekit.global_topk_masks(tensors, k=333_333))
+    finally:
+        sparsekit.set_num_threads(0)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_env_var_sizes_the_pool():
+    code = "import sparsekit; print(sparsekit.get_num_threads())"
+    env = dict(os.environ, SPARSEKIT_NUM_THREADS="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
+
+
+def test_set_num_threads_rejects_bad_values():
+    with pytest.raises(ValueError):
+        sparsekit.set_num_threads(-1)
+
+
+def _child_selects(queue):
+    torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP pool is not fork-safe
+    tensors = _tie_heavy(300_000)
+    masks = sparsekit.global_topk_masks(tensors, k=1000)
+    queue.put(sum(int(m.sum()) for m in masks))
+
+
+def test_pool_works_in_forked_children():
+    sparsekit.topk_mask(torch.randn(500_000), 10)  # make sure the parent's pool exists before fork
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_selects, args=(queue,))
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == 0, "forked child hung or crashed"
+    assert queue.get(timeout=5) == 1000
+
+
+def test_gil_is_released_during_selection():
+    x = torch.randn(1 << 23)
+    done = threading.Event()
+    ticks = 0
+
+    def work():
+        for _ in range(3):
+            sparsekit.topk_mask(x, 1 << 20)
+        done.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    while not done.is_set():
+        ticks += 1
+        done.wait(0.001)
+    worker.join()
+    # With the GIL held for the whole call the main thread could not run between calls' starts and ends.
+    assert ticks > 20
+
+
+def test_cli_info_and_demo():
+    info = subprocess.run([sys.executable, "-m", "sparsekit", "info"], capture_output=True, text=True, check=True)
+    assert "sparsekit" in info.stdout and "threads:" in info.stdout and "cuda:" in info.stdout
+    demo = subprocess.run(
+        [sys.executable, "-m", "sparsekit", "demo", "--numel", "200000", "--tensors", "8"],
+        capture_output=True,
+        text=True,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "matches stable sort: True" in demo.stdout
