@@ -3,6 +3,7 @@
 
 use half::{bf16, f16};
 use sparsekit_core::pool;
+use sparsekit_core::select::radix::{self, Strategy};
 use sparsekit_core::select::{self, BlockGrid, BlockNorm, Order, Score};
 use sparsekit_core::SelectError;
 
@@ -50,6 +51,12 @@ fn check<T: Score>(sources: &[&[T]], ks: &[usize]) {
     for order in [Order::Abs, Order::Value] {
         for &k in ks {
             assert_eq!(ours(sources, k as u64, order).unwrap(), reference_masks(sources, k, order), "k={k} {order:?}");
+            if k > 0 {
+                // The radix fallback alone must find the same threshold as the sampled fast path.
+                let auto = radix::kth_keys_with(sources, &[k as u64], order, Strategy::Auto).unwrap();
+                let radix_only = radix::kth_keys_with(sources, &[k as u64], order, Strategy::RadixOnly).unwrap();
+                assert_eq!(auto, radix_only, "k={k} {order:?}");
+            }
         }
     }
 }

@@ -20,6 +20,8 @@ pub enum Order {
 /// An unsigned key that radix selection digs through from its top bits down.
 pub trait RadixKey: Copy + Ord + Send + Sync + std::fmt::Debug + 'static {
     const BITS: u32;
+    const MIN: Self;
+    const MAX: Self;
     fn to_u64(self) -> u64;
     fn from_u64(v: u64) -> Self;
 }
@@ -28,6 +30,8 @@ macro_rules! radix_key {
     ($($t:ty),*) => {$(
         impl RadixKey for $t {
             const BITS: u32 = <$t>::BITS;
+            const MIN: Self = <$t>::MIN;
+            const MAX: Self = <$t>::MAX;
             #[inline(always)]
             fn to_u64(self) -> u64 { self as u64 }
             #[inline(always)]
@@ -66,6 +70,41 @@ pub trait Score: Copy + Send + Sync + 'static {
         }
     }
 }
+
+/// A key function fixed at compile time, so hot loops carry no per-element `match` on the order.
+pub trait KeyFn<T: Score>: Copy + Send + Sync {
+    fn key(x: T) -> T::Key;
+}
+
+#[derive(Clone, Copy)]
+pub struct AbsKey;
+#[derive(Clone, Copy)]
+pub struct ValueKey;
+
+impl<T: Score> KeyFn<T> for AbsKey {
+    #[inline(always)]
+    fn key(x: T) -> T::Key {
+        x.abs_key()
+    }
+}
+
+impl<T: Score> KeyFn<T> for ValueKey {
+    #[inline(always)]
+    fn key(x: T) -> T::Key {
+        x.value_key()
+    }
+}
+
+/// Call a function generic over `KeyFn` with the key function that `order` names.
+macro_rules! with_key_fn {
+    ($order:expr, $f:ident :: <$T:ty> ( $($arg:expr),* $(,)? )) => {
+        match $order {
+            $crate::select::key::Order::Abs => $f::<$T, $crate::select::key::AbsKey>($($arg),*),
+            $crate::select::key::Order::Value => $f::<$T, $crate::select::key::ValueKey>($($arg),*),
+        }
+    };
+}
+pub(crate) use with_key_fn;
 
 macro_rules! float_score {
     ($t:ty, $k:ty, $name:literal, $to_bits:expr, $from_bits:expr, $to_f64:expr, $nan_abs:expr) => {

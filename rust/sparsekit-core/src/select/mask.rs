@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::key::{Order, Score};
+use super::key::{with_key_fn, KeyFn, Order, Score};
 use super::pieces::split_with_out;
 use super::radix::Threshold;
 use crate::error::SelectError;
@@ -23,6 +23,14 @@ pub fn check_outputs<T>(sources: &[&[T]], masks: &[&mut [bool]]) -> Result<(), S
         }
     }
     Ok(())
+}
+
+fn write_at_least<T: Score, F: KeyFn<T>>(pairs: &mut [(&[T], &mut [bool])], threshold: T::Key) {
+    pairs.par_iter_mut().for_each(|(s, m)| {
+        for (o, &x) in m.iter_mut().zip(s.iter()) {
+            *o = F::key(x) >= threshold;
+        }
+    });
 }
 
 /// Fill `masks` with a top-`k` selection whose threshold is `threshold` (`None`: select nothing).
@@ -41,11 +49,7 @@ pub fn write_masks<T: Score>(
     };
     let take = t.take_equal(k);
     if take == t.equal {
-        pairs.par_iter_mut().for_each(|(s, m)| {
-            for (o, &x) in m.iter_mut().zip(s.iter()) {
-                *o = x.key(order) >= t.key;
-            }
-        });
+        with_key_fn!(order, write_at_least::<T>(&mut pairs, t.key));
         return Ok(());
     }
     let equal_counts: Vec<u64> = pairs

@@ -5,6 +5,7 @@
 //! thread count. NaN scores are an error.
 
 pub mod block;
+pub mod bracket;
 pub mod key;
 pub mod mask;
 pub mod nm;

@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::bracket::{bracket_pass, Bracket};
 use super::key::{Order, RadixKey, Score};
 use super::pieces::{split, total_len, Piece};
 use crate::error::SelectError;
@@ -156,9 +157,29 @@ fn select_in_memory<K: RadixKey>(mut candidates: Vec<K>, rank: u64, greater_befo
     Threshold { key, greater: greater_before + greater, equal }
 }
 
-/// Exact thresholds for several 1-based ranks at once (they share the first histogram pass).
-/// Errors on NaN and on ranks outside `1..=n`.
+/// Below this many elements the radix passes are cheap enough on their own.
+const BRACKET_MIN_LEN: u64 = 1 << 18;
+
+/// Exact thresholds for several 1-based ranks at once. Large inputs first try one sampled-bracket pass
+/// (see `bracket`), which usually also serves neighbouring ranks; otherwise radix passes, which share
+/// the first histogram. Errors on NaN and on ranks outside `1..=n`.
 pub fn kth_keys<T: Score>(sources: &[&[T]], ranks: &[u64], order: Order) -> Result<Vec<Threshold<T::Key>>, SelectError> {
+    kth_keys_with(sources, ranks, order, Strategy::Auto)
+}
+
+/// Which passes `kth_keys_with` may use; tests pin `RadixOnly` to cover the fallback on any input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Auto,
+    RadixOnly,
+}
+
+pub fn kth_keys_with<T: Score>(
+    sources: &[&[T]],
+    ranks: &[u64],
+    order: Order,
+    strategy: Strategy,
+) -> Result<Vec<Threshold<T::Key>>, SelectError> {
     let n = total_len(sources);
     for &rank in ranks {
         if rank == 0 || rank > n {
@@ -174,14 +195,38 @@ pub fn kth_keys<T: Score>(sources: &[&[T]], ranks: &[u64], order: Order) -> Resu
         let all = gather(&pieces, order, everything);
         return Ok(ranks.iter().map(|&r| select_in_memory(all.clone(), r, 0)).collect());
     }
-    let (top_hist, nan) = histogram(&pieces, order, everything, true);
-    if nan {
-        return Err(SelectError::NanInput { arg: "x" });
-    }
+    let max_inside = (n / 4) / std::mem::size_of::<T::Key>() as u64;
+    let mut bracket: Option<Bracket<T::Key>> = None;
+    let mut top_hist: Option<Vec<u64>> = None;
     let top_bits = DIGIT_BITS.min(T::Key::BITS);
     let mut out = Vec::with_capacity(ranks.len());
     for &rank in ranks {
-        let (bin, above) = find_bin(&top_hist, rank);
+        if let Some(t) = bracket.as_ref().and_then(|b| b.threshold(rank)) {
+            out.push(t);
+            continue;
+        }
+        if n >= BRACKET_MIN_LEN && strategy == Strategy::Auto {
+            if let Some(b) = bracket_pass(&pieces, n, rank, order, max_inside) {
+                if b.nan {
+                    return Err(SelectError::NanInput { arg: "x" });
+                }
+                let found = b.threshold(rank);
+                bracket = Some(b);
+                if let Some(t) = found {
+                    out.push(t);
+                    continue;
+                }
+            }
+        }
+        if top_hist.is_none() {
+            let (hist, nan) = histogram(&pieces, order, everything, true);
+            if nan {
+                return Err(SelectError::NanInput { arg: "x" });
+            }
+            top_hist = Some(hist);
+        }
+        let top_hist = top_hist.as_ref().expect("computed above");
+        let (bin, above) = find_bin(top_hist, rank);
         let mut prefix = Prefix { value: bin as u64, shift: T::Key::BITS - top_bits };
         let (mut rank_in, mut greater, mut count) = (rank - above, above, top_hist[bin]);
         let threshold = loop {

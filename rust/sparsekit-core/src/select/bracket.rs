@@ -1,0 +1,157 @@
+//! The fast path of exact selection: bracket the k-th largest key with a deterministic sample, then
+//! one pass counts the keys above the bracket and gathers the few inside it.
+//!
+//! The sample only decides how fast the answer comes, never what it is: if the k-th key falls outside
+//! the bracket, or the bracket holds too many keys (heavy ties), the caller falls back to radix
+//! passes. The sample is taken at fixed positions, so the same input always takes the same path.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use super::key::{with_key_fn, KeyFn, Order, RadixKey, Score};
+use super::pieces::Piece;
+use super::radix::Threshold;
+
+/// Sample runs: contiguous (cache-line friendly) runs spread evenly over the global index space.
+const SAMPLE_RUNS: usize = 1024;
+const RUN_LEN: usize = 64;
+/// Half-width of the bracket in standard deviations of the sampled rank.
+const SIGMAS: f64 = 6.0;
+
+/// Keys inside `[lo, hi]` and the count of keys above `hi`, from one pass that also looked for NaN.
+pub struct Bracket<K> {
+    pub above: u64,
+    pub inside: Vec<K>,
+    pub nan: bool,
+}
+
+impl<K: RadixKey> Bracket<K> {
+    /// The threshold of the `rank`-th largest key, if the bracket holds it.
+    pub fn threshold(&self, rank: u64) -> Option<Threshold<K>> {
+        if rank <= self.above || rank > self.above + self.inside.len() as u64 {
+            return None;
+        }
+        let mut keys = self.inside.clone();
+        let idx = (rank - self.above - 1) as usize;
+        let (_, &mut key, _) = keys.select_nth_unstable_by(idx, |a, b| b.cmp(a));
+        let (mut greater, mut equal) = (0u64, 0u64);
+        for &c in &self.inside {
+            greater += (c > key) as u64;
+            equal += (c == key) as u64;
+        }
+        Some(Threshold { key, greater: self.above + greater, equal })
+    }
+}
+
+fn sample_keys<T: Score>(pieces: &[Piece<'_, T>], n: u64, order: Order) -> Vec<T::Key> {
+    // Positions are global indices; walk pieces once in order.
+    let step = n / SAMPLE_RUNS as u64;
+    let mut keys = Vec::with_capacity(SAMPLE_RUNS * RUN_LEN);
+    let mut piece_start = 0u64;
+    let mut pieces = pieces.iter().peekable();
+    for run in 0..SAMPLE_RUNS as u64 {
+        let pos = run * step;
+        while let Some(p) = pieces.peek() {
+            if pos < piece_start + p.data.len() as u64 {
+                break;
+            }
+            piece_start += p.data.len() as u64;
+            pieces.next();
+        }
+        let Some(p) = pieces.peek() else { break };
+        let offset = (pos - piece_start) as usize;
+        let end = (offset + RUN_LEN).min(p.data.len());
+        keys.extend(p.data[offset..end].iter().map(|x| x.key(order)));
+    }
+    keys
+}
+
+/// Keys of one piece inside `[lo, hi]`, the count above `hi`, and whether a NaN was seen.
+fn scan_piece<T: Score, F: KeyFn<T>>(data: &[T], lo: T::Key, hi: T::Key, inside: &mut Vec<T::Key>) -> (u64, bool) {
+    const BLOCK: usize = 256;
+    let (mut above, mut nan) = (0u64, false);
+    for block in data.chunks(BLOCK) {
+        // Branch-free counting the compiler vectorises; the rare block with candidates is rescanned
+        // while it is still in L1.
+        let (mut a, mut hits, mut n) = (0u32, 0u32, false);
+        for &x in block {
+            let key = F::key(x);
+            a += (key > hi) as u32;
+            hits += ((key >= lo) & (key <= hi)) as u32;
+            n |= x.is_nan();
+        }
+        above += u64::from(a);
+        nan |= n;
+        if hits > 0 {
+            inside.extend(block.iter().map(|&x| F::key(x)).filter(|&k| k >= lo && k <= hi));
+        }
+    }
+    (above, nan)
+}
+
+fn scan_all<T: Score, F: KeyFn<T>>(
+    pieces: &[Piece<'_, T>],
+    lo: T::Key,
+    hi: T::Key,
+    max_inside: u64,
+) -> Option<Bracket<T::Key>> {
+    let inside_total = AtomicU64::new(0);
+    let overflow = AtomicBool::new(false);
+    let parts: Vec<(u64, Vec<T::Key>, bool)> = pieces
+        .par_iter()
+        .map(|piece| {
+            let mut inside = Vec::new();
+            if overflow.load(Ordering::Relaxed) {
+                return (0, inside, false);
+            }
+            let (above, nan) = scan_piece::<T, F>(piece.data, lo, hi, &mut inside);
+            let total = inside_total.fetch_add(inside.len() as u64, Ordering::Relaxed) + inside.len() as u64;
+            if total > max_inside {
+                overflow.store(true, Ordering::Relaxed);
+            }
+            (above, inside, nan)
+        })
+        .collect();
+    if overflow.load(Ordering::Relaxed) {
+        return None;
+    }
+    let above = parts.iter().map(|(a, _, _)| a).sum();
+    let nan = parts.iter().any(|(_, _, nan)| *nan);
+    let mut inside = Vec::with_capacity(inside_total.load(Ordering::Relaxed) as usize);
+    for (_, part, _) in parts {
+        inside.extend(part);
+    }
+    Some(Bracket { above, inside, nan })
+}
+
+/// Sample, bracket `rank`, and run the counting/gathering pass. `None` when the sample is too small
+/// to help or the bracket would hold more than `max_inside` keys.
+pub fn bracket_pass<T: Score>(
+    pieces: &[Piece<'_, T>],
+    n: u64,
+    rank: u64,
+    order: Order,
+    max_inside: u64,
+) -> Option<Bracket<T::Key>> {
+    let mut sample = sample_keys(pieces, n, order);
+    let s = sample.len();
+    if s < SAMPLE_RUNS * RUN_LEN / 2 {
+        return None;
+    }
+    let p = rank as f64 / n as f64;
+    let center = p * s as f64;
+    let half = SIGMAS * (s as f64 * p * (1.0 - p)).sqrt() + 2.0;
+    let (hi_idx, lo_idx) = ((center - half).floor(), (center + half).ceil());
+    // Positions in descending order; an end beyond the sample leaves that side of the bracket open.
+    let mut nth_largest = |i: f64| -> Option<T::Key> {
+        if i < 0.0 || i >= s as f64 {
+            return None;
+        }
+        let (_, &mut key, _) = sample.select_nth_unstable_by(i as usize, |a, b| b.cmp(a));
+        Some(key)
+    };
+    let hi = nth_largest(hi_idx).unwrap_or(T::Key::MAX);
+    let lo = nth_largest(lo_idx).unwrap_or(T::Key::MIN);
+    with_key_fn!(order, scan_all::<T>(pieces, lo, hi, max_inside))
+}
