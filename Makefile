@@ -31,8 +31,10 @@ wheel-check: install
 	$(PY) -m zipfile -l $(WHEEL_DIR)/sparsekit-*.whl
 	$(PY) .ci/check_wheel.py $(WHEEL_DIR)/sparsekit-*.whl
 
+# Stubs match the compiled module, and the package type-checks against them.
 stubtest: install
 	$(PY) -m mypy.stubtest sparsekit._core
+	$(PY) -m mypy
 
 pytest: install
 	cd tests && ../$(PY) -c "import sparsekit, sys; assert 'site-packages' in sparsekit.__file__, sparsekit.__file__; print('testing', sparsekit.__file__)"

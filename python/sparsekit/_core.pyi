@@ -9,6 +9,17 @@ from typing import Sequence
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "__version__",
+    "topk_masks",
+    "kth_values",
+    "nm_mask",
+    "block_topk_mask",
+    "set_num_threads",
+    "get_num_threads",
+    "build_profile",
+]
+
 __version__: str
 
 def topk_masks(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import platform
 import time
+from typing import Callable, TypeVar
 
 import torch
 
@@ -30,8 +31,11 @@ def info() -> int:
     return 0
 
 
-def _best_of(fn, repeats: int = 3) -> tuple[float, object]:
-    best, out = float("inf"), None
+R = TypeVar("R")
+
+
+def _best_of(fn: Callable[[], R], repeats: int = 3) -> tuple[float, R]:
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
@@ -53,7 +57,7 @@ def demo(numel: int = 1 << 24, tensors: int = 32, density: float = 0.1) -> int:
 
     ours_s, masks = _best_of(lambda: global_topk_masks(weights, k=k))
 
-    def torch_way():
+    def torch_way() -> list[torch.Tensor]:
         flat = torch.cat([w.abs().reshape(-1) for w in weights])
         threshold = torch.topk(flat, k, sorted=False).values.min()
         return [w.abs() >= threshold for w in weights]

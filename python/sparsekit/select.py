@@ -58,10 +58,10 @@ def _check_tensor(x: object, arg: str) -> torch.Tensor:
     return x.detach()
 
 
-def _check_by(by: object) -> str:
+def _check_by(by: object) -> ScoreOrder:
     if by not in ("abs", "value"):
         raise ValueError(f"by must be 'abs' or 'value', got {by!r}")
-    return str(by)
+    return "abs" if by == "abs" else "value"
 
 
 def _check_int(value: object, arg: str) -> int:
