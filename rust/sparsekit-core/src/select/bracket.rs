@@ -14,10 +14,10 @@ use super::pieces::Piece;
 use super::radix::Threshold;
 
 /// Sample runs: contiguous (cache-line friendly) runs spread evenly over the global index space.
-const SAMPLE_RUNS: usize = 1024;
+const SAMPLE_RUNS: usize = 4096;
 const RUN_LEN: usize = 64;
 /// Half-width of the bracket in standard deviations of the sampled rank.
-const SIGMAS: f64 = 6.0;
+const SIGMAS: f64 = 4.5;
 
 /// Keys inside `[lo, hi]` and the count of keys above `hi`, from one pass that also looked for NaN.
 pub struct Bracket<K> {
@@ -69,10 +69,10 @@ fn sample_keys<T: Score>(pieces: &[Piece<'_, T>], n: u64, order: Order) -> Vec<T
 
 /// Keys of one piece inside `[lo, hi]`, the count above `hi`, and whether a NaN was seen.
 fn scan_piece<T: Score, F: KeyFn<T>>(data: &[T], lo: T::Key, hi: T::Key, inside: &mut Vec<T::Key>) -> (u64, bool) {
-    const BLOCK: usize = 256;
+    const BLOCK: usize = 64;
     let (mut above, mut nan) = (0u64, false);
     for block in data.chunks(BLOCK) {
-        // Branch-free counting the compiler vectorises; the rare block with candidates is rescanned
+        // Branch-free counting the compiler vectorises; a block with candidates is compacted again
         // while it is still in L1.
         let (mut a, mut hits, mut n) = (0u32, 0u32, false);
         for &x in block {
@@ -84,7 +84,15 @@ fn scan_piece<T: Score, F: KeyFn<T>>(data: &[T], lo: T::Key, hi: T::Key, inside:
         above += u64::from(a);
         nan |= n;
         if hits > 0 {
-            inside.extend(block.iter().map(|&x| F::key(x)).filter(|&k| k >= lo && k <= hi));
+            // Branch-free compaction: store every key, advance only past the ones in range.
+            let mut buf = [T::Key::MIN; BLOCK];
+            let mut len = 0usize;
+            for &x in block {
+                let key = F::key(x);
+                buf[len] = key;
+                len += ((key >= lo) & (key <= hi)) as usize;
+            }
+            inside.extend_from_slice(&buf[..len]);
         }
     }
     (above, nan)

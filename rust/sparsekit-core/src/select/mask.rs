@@ -2,9 +2,9 @@
 //!
 //! Keys above the threshold are kept; of the keys equal to it, exactly `take_equal` are kept, the
 //! ones with the lowest global index (source order, then position). When every equal key is kept
-//! (the common case) one parallel pass writes `key >= T`; otherwise a first pass writes `key > T` and
-//! counts the equal keys per piece, a prefix sum in piece order hands each piece its share, and only
-//! pieces with a share are visited again.
+//! (the common case) one parallel pass writes `key >= T`; otherwise that pass also counts the equal
+//! keys per piece, a prefix sum in piece order says how many each piece must drop, and only those
+//! pieces are visited again, from their end.
 
 use rayon::prelude::*;
 
@@ -33,6 +33,36 @@ fn write_at_least<T: Score, F: KeyFn<T>>(pairs: &mut [(&[T], &mut [bool])], thre
     });
 }
 
+fn write_at_least_counting_equal<T: Score, F: KeyFn<T>>(pairs: &mut [(&[T], &mut [bool])], threshold: T::Key) -> Vec<u64> {
+    pairs
+        .par_iter_mut()
+        .map(|(s, m)| {
+            let mut equal = 0u64;
+            for (o, &x) in m.iter_mut().zip(s.iter()) {
+                let key = F::key(x);
+                *o = key >= threshold;
+                equal += (key == threshold) as u64;
+            }
+            equal
+        })
+        .collect()
+}
+
+fn clear_surplus_equal<T: Score, F: KeyFn<T>>(pairs: &mut [(&[T], &mut [bool])], surplus: &[u64], threshold: T::Key) {
+    pairs.par_iter_mut().zip(surplus.par_iter()).filter(|(_, &extra)| extra > 0).for_each(|((s, m), &extra)| {
+        let mut left = extra;
+        for (o, &x) in m.iter_mut().zip(s.iter()).rev() {
+            if F::key(x) == threshold {
+                *o = false;
+                left -= 1;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+    });
+}
+
 /// Fill `masks` with a top-`k` selection whose threshold is `threshold` (`None`: select nothing).
 pub fn write_masks<T: Score>(
     sources: &[&[T]],
@@ -52,38 +82,18 @@ pub fn write_masks<T: Score>(
         with_key_fn!(order, write_at_least::<T>(&mut pairs, t.key));
         return Ok(());
     }
-    let equal_counts: Vec<u64> = pairs
-        .par_iter_mut()
-        .map(|(s, m)| {
-            let mut equal = 0u64;
-            for (o, &x) in m.iter_mut().zip(s.iter()) {
-                let key = x.key(order);
-                *o = key > t.key;
-                equal += (key == t.key) as u64;
-            }
-            equal
-        })
-        .collect();
+    // Partial tie: keep everything >= T and count the equal keys per piece in one vectorised pass,
+    // then drop the surplus equal keys (the highest-index ones) in the few pieces that hold them.
+    let equal_counts: Vec<u64> = with_key_fn!(order, write_at_least_counting_equal::<T>(&mut pairs, t.key));
     let mut before = 0u64;
-    let shares: Vec<u64> = equal_counts
+    let surplus: Vec<u64> = equal_counts
         .iter()
         .map(|&c| {
-            let share = take.saturating_sub(before).min(c);
+            let keep = take.saturating_sub(before).min(c);
             before += c;
-            share
+            c - keep
         })
         .collect();
-    pairs.par_iter_mut().zip(shares.par_iter()).filter(|(_, &share)| share > 0).for_each(|((s, m), &share)| {
-        let mut left = share;
-        for (o, &x) in m.iter_mut().zip(s.iter()) {
-            if x.key(order) == t.key {
-                *o = true;
-                left -= 1;
-                if left == 0 {
-                    break;
-                }
-            }
-        }
-    });
+    with_key_fn!(order, clear_surplus_equal::<T>(&mut pairs, &surplus, t.key));
     Ok(())
 }
