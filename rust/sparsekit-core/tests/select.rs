@@ -181,7 +181,7 @@ fn nm_reference(x: &[f32], len: usize, inner: usize, n: usize, m: usize) -> Vec<
 fn nm_masks_match_reference() {
     let mut rng = Rng(17);
     let x: Vec<f32> = (0..6 * 8 * 5).map(|_| ((rng.next() % 7) as f32) - 3.0).collect();
-    for (len, inner, n, m) in [(8, 5, 2, 4), (8, 5, 1, 8), (40, 1, 2, 4), (8, 5, 0, 2), (8, 5, 4, 4), (240, 1, 3, 40)] {
+    for (len, inner, n, m) in [(8, 5, 2, 4), (8, 5, 1, 8), (40, 1, 2, 4), (240, 1, 3, 8), (8, 5, 0, 2), (8, 5, 4, 4), (240, 1, 3, 40)] {
         let mut out = vec![false; x.len()];
         select::nm_mask(&x, &mut out, len, inner, n, m, Order::Abs).unwrap();
         assert_eq!(out, nm_reference(&x, len, inner, n, m), "len={len} inner={inner} {n}:{m}");

@@ -1,7 +1,7 @@
 //! Block masks: score each `bh x bw` block of a matrix by a norm and keep the top-k blocks.
 //!
-//! Norms are accumulated in f64 in row-major order inside each block, so they are the same on every
-//! thread count. "l2" ranks by the sum of squares (same order as the L2 norm, no square root).
+//! Norms are accumulated in f64 in a fixed order (four interleaved accumulators per block-row
+//! segment), so they are the same on every run and thread count. "l2" ranks by the sum of squares (same order as the L2 norm, no square root).
 //! Equal scores are broken by lower block index (row-major over blocks).
 
 use rayon::prelude::*;
@@ -54,6 +54,83 @@ impl BlockGrid {
     }
 }
 
+/// How one block's elements fold into its score; fixed at compile time so the inner loop is tight.
+trait Fold: Copy + Send + Sync {
+    /// Fold one magnitude into an accumulator.
+    fn add(acc: f64, a: f64) -> f64;
+    /// Merge two accumulators.
+    fn combine(a: f64, b: f64) -> f64;
+}
+#[derive(Clone, Copy)]
+struct SumAbs;
+#[derive(Clone, Copy)]
+struct SumSquares;
+#[derive(Clone, Copy)]
+struct MaxAbs;
+impl Fold for SumAbs {
+    #[inline(always)]
+    fn add(acc: f64, a: f64) -> f64 {
+        acc + a
+    }
+    #[inline(always)]
+    fn combine(a: f64, b: f64) -> f64 {
+        a + b
+    }
+}
+impl Fold for SumSquares {
+    #[inline(always)]
+    fn add(acc: f64, a: f64) -> f64 {
+        acc + a * a
+    }
+    #[inline(always)]
+    fn combine(a: f64, b: f64) -> f64 {
+        a + b
+    }
+}
+impl Fold for MaxAbs {
+    #[inline(always)]
+    fn add(acc: f64, a: f64) -> f64 {
+        acc.max(a)
+    }
+    #[inline(always)]
+    fn combine(a: f64, b: f64) -> f64 {
+        a.max(b)
+    }
+}
+
+/// Fold one block-row segment of `bw` elements with four independent accumulators (a fixed order,
+/// so the result is the same on every run), combined pairwise.
+#[inline(always)]
+fn fold_segment<T: Score, N: Fold>(seg: &[T]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let mut lanes = seg.chunks_exact(4);
+    for c in &mut lanes {
+        for i in 0..4 {
+            acc[i] = N::add(acc[i], c[i].to_f64().abs());
+        }
+    }
+    for (i, &v) in lanes.remainder().iter().enumerate() {
+        acc[i] = N::add(acc[i], v.to_f64().abs());
+    }
+    N::combine(N::combine(acc[0], acc[1]), N::combine(acc[2], acc[3]))
+}
+
+fn block_scores_with<T: Score, N: Fold>(x: &[T], grid: BlockGrid, scores: &mut [f64]) -> Result<(), SelectError> {
+    let bc = grid.block_cols();
+    scores.par_chunks_mut(bc).enumerate().try_for_each(|(br, row_scores)| {
+        let rows = &x[br * grid.bh * grid.cols..(br + 1) * grid.bh * grid.cols];
+        if rows.iter().any(|v| v.is_nan()) {
+            return Err(SelectError::NanInput { arg: "x" });
+        }
+        for row in rows.chunks_exact(grid.cols) {
+            for (acc, seg) in row_scores.iter_mut().zip(row.chunks_exact(grid.bw)) {
+                *acc = N::combine(*acc, fold_segment::<T, N>(seg));
+            }
+        }
+        Ok(())
+    })
+}
+
 /// One score per block, row-major over blocks.
 pub fn block_scores<T: Score>(x: &[T], grid: BlockGrid, norm: BlockNorm) -> Result<Vec<f64>, SelectError> {
     grid.check(x.len())?;
@@ -61,26 +138,11 @@ pub fn block_scores<T: Score>(x: &[T], grid: BlockGrid, norm: BlockNorm) -> Resu
     if scores.is_empty() {
         return Ok(scores);
     }
-    let bc = grid.block_cols();
-    scores.par_chunks_mut(bc).enumerate().try_for_each(|(br, row_scores)| {
-        for r in br * grid.bh..(br + 1) * grid.bh {
-            let row = &x[r * grid.cols..(r + 1) * grid.cols];
-            for (acc, block) in row_scores.iter_mut().zip(row.chunks(grid.bw)) {
-                for &v in block {
-                    if v.is_nan() {
-                        return Err(SelectError::NanInput { arg: "x" });
-                    }
-                    let a = v.to_f64().abs();
-                    match norm {
-                        BlockNorm::L1 => *acc += a,
-                        BlockNorm::L2 => *acc += a * a,
-                        BlockNorm::Max => *acc = acc.max(a),
-                    }
-                }
-            }
-        }
-        Ok(())
-    })?;
+    match norm {
+        BlockNorm::L1 => block_scores_with::<T, SumAbs>(x, grid, &mut scores)?,
+        BlockNorm::L2 => block_scores_with::<T, SumSquares>(x, grid, &mut scores)?,
+        BlockNorm::Max => block_scores_with::<T, MaxAbs>(x, grid, &mut scores)?,
+    }
     Ok(scores)
 }
 

@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::key::{Order, Score};
+use super::key::{with_key_fn, KeyFn, Order, RadixKey, Score};
 use crate::error::SelectError;
 
 /// Groups up to this size are ranked with fixed-size arrays on the stack.
@@ -33,15 +33,70 @@ fn check<T>(x: &[T], out: &[bool], len: usize, inner: usize, n: usize, m: usize)
     Ok(())
 }
 
-/// Rank of each key inside its group (0 = largest; equal keys ordered by position) and keep rank < n.
-#[inline]
-fn select_small<K: Ord + Copy>(keys: &[K], n: usize, keep: &mut [bool]) {
-    for (j, &kj) in keys.iter().enumerate() {
-        let mut rank = 0usize;
-        for (l, &kl) in keys.iter().enumerate() {
-            rank += (kl > kj || (kl == kj && l < j)) as usize;
+/// Elements per parallel task: whole groups, enough work to amortise scheduling.
+const TASK_LEN: usize = 1 << 14;
+
+fn nm_task<T: Score, F: KeyFn<T>>(xs: &[T], os: &mut [bool], inner: usize, n: usize, m: usize) -> Result<(), SelectError> {
+    if xs.iter().any(|v| v.is_nan()) {
+        return Err(SelectError::NanInput { arg: "x" });
+    }
+    let slab = m * inner;
+    let mut keys = [T::Key::MIN; STACK_GROUP];
+    let mut order: Vec<usize> = Vec::new();
+    for (xg, og) in xs.chunks_exact(slab).zip(os.chunks_exact_mut(slab)) {
+        for i in 0..inner {
+            if m <= STACK_GROUP {
+                for j in 0..m {
+                    keys[j] = F::key(xg[j * inner + i]);
+                }
+                // Rank = number of keys that beat this one (larger, or equal at a lower position).
+                for j in 0..m {
+                    let kj = keys[j];
+                    let mut rank = 0usize;
+                    for (l, &kl) in keys[..m].iter().enumerate() {
+                        rank += ((kl > kj) | ((kl == kj) & (l < j))) as usize;
+                    }
+                    og[j * inner + i] = rank < n;
+                }
+            } else {
+                order.clear();
+                order.extend(0..m);
+                order.sort_by(|&a, &b| F::key(xg[b * inner + i]).cmp(&F::key(xg[a * inner + i])).then(a.cmp(&b)));
+                for j in 0..m {
+                    og[j * inner + i] = false;
+                }
+                for &j in &order[..n] {
+                    og[j * inner + i] = true;
+                }
+            }
         }
-        keep[j] = rank < n;
+    }
+    Ok(())
+}
+
+/// Contiguous groups (`inner == 1`) of a compile-time size `M`: the rank loops unroll fully.
+fn nm_task_fixed<T: Score, F: KeyFn<T>, const M: usize>(xs: &[T], os: &mut [bool], n: usize) -> Result<(), SelectError> {
+    if xs.iter().any(|v| v.is_nan()) {
+        return Err(SelectError::NanInput { arg: "x" });
+    }
+    for (xg, og) in xs.chunks_exact(M).zip(os.chunks_exact_mut(M)) {
+        let keys: [T::Key; M] = std::array::from_fn(|j| F::key(xg[j]));
+        for j in 0..M {
+            let mut rank = 0usize;
+            for l in 0..M {
+                rank += ((keys[l] > keys[j]) | ((keys[l] == keys[j]) & (l < j))) as usize;
+            }
+            og[j] = rank < n;
+        }
+    }
+    Ok(())
+}
+
+fn nm_dispatch<T: Score, F: KeyFn<T>>(xs: &[T], os: &mut [bool], inner: usize, n: usize, m: usize) -> Result<(), SelectError> {
+    match (inner, m) {
+        (1, 4) => nm_task_fixed::<T, F, 4>(xs, os, n),
+        (1, 8) => nm_task_fixed::<T, F, 8>(xs, os, n),
+        _ => nm_task::<T, F>(xs, os, inner, n, m),
     }
 }
 
@@ -59,33 +114,8 @@ pub fn nm_mask<T: Score>(
     if slab == 0 || x.is_empty() {
         return Ok(());
     }
-    let min_slabs = (4096 / slab).max(1);
-    x.par_chunks(slab).zip(out.par_chunks_mut(slab)).with_min_len(min_slabs).try_for_each(|(xs, os)| {
-        if xs.iter().any(|v| v.is_nan()) {
-            return Err(SelectError::NanInput { arg: "x" });
-        }
-        for i in 0..inner {
-            if m <= STACK_GROUP {
-                let mut keys = [xs[i].key(order); STACK_GROUP];
-                let mut keep = [false; STACK_GROUP];
-                for j in 0..m {
-                    keys[j] = xs[j * inner + i].key(order);
-                }
-                select_small(&keys[..m], n, &mut keep[..m]);
-                for j in 0..m {
-                    os[j * inner + i] = keep[j];
-                }
-            } else {
-                let mut idx: Vec<usize> = (0..m).collect();
-                idx.sort_by(|&a, &b| xs[b * inner + i].key(order).cmp(&xs[a * inner + i].key(order)).then(a.cmp(&b)));
-                for j in 0..m {
-                    os[j * inner + i] = false;
-                }
-                for &j in &idx[..n] {
-                    os[j * inner + i] = true;
-                }
-            }
-        }
-        Ok(())
+    let task = slab * (TASK_LEN / slab).max(1);
+    x.par_chunks(task).zip(out.par_chunks_mut(task)).try_for_each(|(xs, os)| {
+        with_key_fn!(order, nm_dispatch::<T>(xs, os, inner, n, m))
     })
 }
