@@ -43,7 +43,8 @@ pytest: install
 test: rust-test wheel-check stubtest pytest
 
 bench: install
-	$(PY) benches/report.py
+	cargo bench -p sparsekit-core --bench select -- --warm-up-time 1 --measurement-time 4
+	$(PY) benches/report.py --repeat 3 --rust
 
 clean:
 	rm -rf target $(VENV)
