@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::key::{with_key_fn, KeyFn, Order, RadixKey, Score};
 use super::pieces::Piece;
-use super::radix::Threshold;
+use super::radix::{select_in_memory, Threshold};
 
 /// Sample runs: contiguous (cache-line friendly) runs spread evenly over the global index space.
 const SAMPLE_RUNS: usize = 4096;
@@ -32,15 +32,7 @@ impl<K: RadixKey> Bracket<K> {
         if rank <= self.above || rank > self.above + self.inside.len() as u64 {
             return None;
         }
-        let mut keys = self.inside.clone();
-        let idx = (rank - self.above - 1) as usize;
-        let (_, &mut key, _) = keys.select_nth_unstable_by(idx, |a, b| b.cmp(a));
-        let (mut greater, mut equal) = (0u64, 0u64);
-        for &c in &self.inside {
-            greater += (c > key) as u64;
-            equal += (c == key) as u64;
-        }
-        Some(Threshold { key, greater: self.above + greater, equal })
+        Some(select_in_memory(self.inside.clone(), rank - self.above, self.above))
     }
 }
 

@@ -127,6 +127,10 @@ fn gather<T: Score>(pieces: &[Piece<'_, T>], order: Order, prefix: Prefix) -> Ve
     chunks.concat()
 }
 
+fn has_nan<T: Score>(pieces: &[Piece<'_, T>]) -> bool {
+    pieces.par_iter().any(|p| p.data.iter().any(|x| x.is_nan()))
+}
+
 /// Walk bins from the top; return (bin, count strictly above it) for the `rank`-th largest.
 fn find_bin(hist: &[u64], rank: u64) -> (usize, u64) {
     let mut above = 0u64;
@@ -146,7 +150,7 @@ fn should_gather<K>(candidates: u64, n: u64) -> bool {
 }
 
 /// The `rank`-th largest key (1-based) among `candidates`, which hold every key under the prefix.
-fn select_in_memory<K: RadixKey>(mut candidates: Vec<K>, rank: u64, greater_before: u64) -> Threshold<K> {
+pub(crate) fn select_in_memory<K: RadixKey>(mut candidates: Vec<K>, rank: u64, greater_before: u64) -> Threshold<K> {
     let idx = (rank - 1) as usize;
     let (_, &mut key, _) = candidates.select_nth_unstable_by(idx, |a, b| b.cmp(a));
     let (mut greater, mut equal) = (0u64, 0u64);
@@ -189,7 +193,7 @@ pub fn kth_keys_with<T: Score>(
     let pieces = split(sources);
     let everything = Prefix { value: 0, shift: T::Key::BITS };
     if should_gather::<T::Key>(n, n) {
-        if pieces.par_iter().any(|p| p.data.iter().any(|x| x.is_nan())) {
+        if has_nan(&pieces) {
             return Err(SelectError::NanInput { arg: "x" });
         }
         let all = gather(&pieces, order, everything);
@@ -257,7 +261,7 @@ pub fn topk_threshold<T: Score>(sources: &[&[T]], k: u64, order: Order) -> Resul
     }
     if k == 0 {
         // Still refuse NaN: the answer must not depend on k.
-        if split(sources).par_iter().any(|p| p.data.iter().any(|x| x.is_nan())) {
+        if has_nan(&split(sources)) {
             return Err(SelectError::NanInput { arg: "x" });
         }
         return Ok(None);
