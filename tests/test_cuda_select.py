@@ -111,3 +111,18 @@ def test_gpu_backend_without_cupy_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_cupy)
     with pytest.raises(ImportError, match=r"pip install 'sparsekit\[cuda\]'"):
         cs.topk_masks([torch.ones(4)], 1, "abs")
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+def test_block_topk_device_path_matches_cpu_path(forward, norm):
+    from sparsekit.select import _block_topk_on_device
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(-3, 4, (24, 32), generator=gen).float()  # small integers: exact norms, many ties
+    for k in (0, 1, 10, 48):
+        mask, blocks = _block_topk_on_device(x, (4, 4), k, norm, backend=forward)
+        want_mask, want_blocks = sparsekit.block_topk_mask(x, (4, 4), k=k, norm=norm, return_block_mask=True)
+        assert torch.equal(blocks, want_blocks) and torch.equal(mask, want_mask)
+    x[3, 5] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        _block_topk_on_device(x, (4, 4), 1, norm, backend=forward)

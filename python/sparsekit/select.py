@@ -262,13 +262,7 @@ def block_topk_mask(
     grid = (rows // bh, cols // bw)
     kk = _resolve_k(k, density, grid[0] * grid[1])
     if x.device.type == "cuda":
-        tiles = x.reshape(grid[0], bh, grid[1], bw).abs().to(torch.float64)
-        if norm == "max":
-            scores = tiles.amax(dim=(1, 3))
-        else:
-            scores = (tiles if norm == "l1" else tiles * tiles).sum(dim=(1, 3))
-        block_mask = _cuda_select().topk_masks([scores.contiguous()], kk, "value")[0]
-        mask = block_mask.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+        mask, block_mask = _block_topk_on_device(x, (bh, bw), kk, norm)
     else:
         mask = torch.empty(x.shape, dtype=torch.bool)
         block_mask = torch.empty(grid, dtype=torch.bool)
@@ -283,6 +277,23 @@ def block_topk_mask(
             norm,
         )
     return (mask, block_mask) if return_block_mask else mask
+
+
+def _block_topk_on_device(
+    x: torch.Tensor, block: tuple[int, int], k: int, norm: str, backend: object = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block top-k for CUDA tensors: float64 block norms by torch on the device, then the selection
+    kernels over the norms (``backend`` lets tests run the kernels on the CPU shim)."""
+    (bh, bw), (rows, cols) = block, x.shape
+    if torch.isnan(x).any():
+        raise ValueError("x contains NaN; NaN scores cannot be ranked (replace them, e.g. with torch.nan_to_num)")
+    tiles = x.reshape(rows // bh, bh, cols // bw, bw).abs().to(torch.float64)
+    if norm == "max":
+        scores = tiles.amax(dim=(1, 3))
+    else:
+        scores = (tiles if norm == "l1" else tiles * tiles).sum(dim=(1, 3))
+    block_mask = _cuda_select().topk_masks([scores.contiguous()], k, "value", backend=backend)[0]
+    return block_mask.repeat_interleave(bh, 0).repeat_interleave(bw, 1), block_mask
 
 
 # ------------------------------------------------------------------------------ order statistics
