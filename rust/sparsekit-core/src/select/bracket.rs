@@ -76,13 +76,17 @@ fn scan_piece<T: Score, F: KeyFn<T>>(data: &[T], lo: T::Key, hi: T::Key, inside:
         above += u64::from(a);
         nan |= n;
         if hits > 0 {
-            // Branch-free compaction: store every key, advance only past the ones in range.
+            // Branch-free compaction (store every key, advance only past the ones in range), stopping
+            // once all `hits` are found: on average half a block.
             let mut buf = [T::Key::MIN; BLOCK];
             let mut len = 0usize;
             for &x in block {
                 let key = F::key(x);
                 buf[len] = key;
                 len += ((key >= lo) & (key <= hi)) as usize;
+                if len == hits as usize {
+                    break;
+                }
             }
             inside.extend_from_slice(&buf[..len]);
         }
