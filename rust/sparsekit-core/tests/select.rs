@@ -214,3 +214,21 @@ fn block_masks_match_reference() {
     let bad = BlockGrid { rows, cols, bh: 5, bw: 2 };
     assert!(select::block::block_scores(&x, bad, BlockNorm::L2).is_err());
 }
+
+#[test]
+fn one_pass_path_handles_partial_ties_in_index_order() {
+    // Values on a 1/256 grid: every value repeats, so the k-th key is tied and only part of the tie
+    // is kept; the bracket still holds few enough keys for the one-pass path to be taken.
+    let mut rng = Rng(23);
+    let data: Vec<f32> = (0..1 << 20).map(|_| ((rng.normal() * 256.0).round() / 256.0) as f32).collect();
+    let parts: Vec<&[f32]> = vec![&data[..100_000], &data[100_000..100_000], &data[100_000..]];
+    for order in [Order::Abs, Order::Value] {
+        for k in [1usize, 1000, 104_857, 500_000] {
+            let mut masks: Vec<Vec<bool>> = parts.iter().map(|s| vec![false; s.len()]).collect();
+            let mut views: Vec<&mut [bool]> = masks.iter_mut().map(|m| m.as_mut_slice()).collect();
+            let taken = pool::install(|| select::fused::topk_masks_one_pass(&parts, &mut views, k as u64, order)).unwrap();
+            assert!(taken, "one-pass path not taken for k={k} {order:?}");
+            assert_eq!(masks, reference_masks(&parts, k, order), "k={k} {order:?}");
+        }
+    }
+}

@@ -129,15 +129,9 @@ fn scan_all<T: Score, F: KeyFn<T>>(
     Some(Bracket { above, inside, nan })
 }
 
-/// Sample, bracket `rank`, and run the counting/gathering pass. `None` when the sample is too small
-/// to help or the bracket would hold more than `max_inside` keys.
-pub fn bracket_pass<T: Score>(
-    pieces: &[Piece<'_, T>],
-    n: u64,
-    rank: u64,
-    order: Order,
-    max_inside: u64,
-) -> Option<Bracket<T::Key>> {
+/// The sampled bracket `[lo, hi]` around the `rank`-th largest key; `None` when the input is too small
+/// for a useful sample. An end beyond the sample leaves that side open (`MIN` / `MAX`).
+pub fn bracket_bounds<T: Score>(pieces: &[Piece<'_, T>], n: u64, rank: u64, order: Order) -> Option<(T::Key, T::Key)> {
     let mut sample = sample_keys(pieces, n, order);
     let s = sample.len();
     if s < SAMPLE_RUNS * RUN_LEN / 2 {
@@ -147,7 +141,7 @@ pub fn bracket_pass<T: Score>(
     let center = p * s as f64;
     let half = SIGMAS * (s as f64 * p * (1.0 - p)).sqrt() + 2.0;
     let (hi_idx, lo_idx) = ((center - half).floor(), (center + half).ceil());
-    // Positions in descending order; an end beyond the sample leaves that side of the bracket open.
+    // Positions in descending order.
     let mut nth_largest = |i: f64| -> Option<T::Key> {
         if i < 0.0 || i >= s as f64 {
             return None;
@@ -157,5 +151,18 @@ pub fn bracket_pass<T: Score>(
     };
     let hi = nth_largest(hi_idx).unwrap_or(T::Key::MAX);
     let lo = nth_largest(lo_idx).unwrap_or(T::Key::MIN);
+    Some((lo, hi))
+}
+
+/// Sample, bracket `rank`, and run the counting/gathering pass. `None` when the sample is too small
+/// to help or the bracket would hold more than `max_inside` keys.
+pub fn bracket_pass<T: Score>(
+    pieces: &[Piece<'_, T>],
+    n: u64,
+    rank: u64,
+    order: Order,
+    max_inside: u64,
+) -> Option<Bracket<T::Key>> {
+    let (lo, hi) = bracket_bounds(pieces, n, rank, order)?;
     with_key_fn!(order, scan_all::<T>(pieces, lo, hi, max_inside))
 }

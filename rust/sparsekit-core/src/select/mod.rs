@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod bracket;
+pub mod fused;
 pub mod key;
 pub mod mask;
 pub mod nm;
@@ -23,6 +24,9 @@ use crate::pool;
 pub fn topk_masks<T: Score>(sources: &[&[T]], masks: &mut [&mut [bool]], k: u64, order: Order) -> Result<(), SelectError> {
     mask::check_outputs(sources, masks)?;
     pool::install(|| {
+        if fused::topk_masks_one_pass(sources, masks, k, order)? {
+            return Ok(());
+        }
         let threshold = radix::topk_threshold(sources, k, order)?;
         mask::write_masks(sources, masks, threshold, k, order)
     })

@@ -162,7 +162,7 @@ pub(crate) fn select_in_memory<K: RadixKey>(mut candidates: Vec<K>, rank: u64, g
 }
 
 /// Below this many elements the radix passes are cheap enough on their own.
-const BRACKET_MIN_LEN: u64 = 1 << 18;
+pub(crate) const BRACKET_MIN_LEN: u64 = 1 << 18;
 
 /// Exact thresholds for several 1-based ranks at once. Large inputs first try one sampled-bracket pass
 /// (see `bracket`), which usually also serves neighbouring ranks; otherwise radix passes, which share

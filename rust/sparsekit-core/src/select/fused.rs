@@ -1,0 +1,140 @@
+//! Top-k masks of large inputs in one pass over the data.
+//!
+//! With the sampled bracket `[lo, hi]` known before the pass (see `bracket`), the mask can be written
+//! as `key > hi` while the pass counts the keys above the bracket and gathers the few inside it
+//! together with their positions. Once the exact threshold is found among those, only the gathered
+//! positions need fixing. When the bracket misses (or holds too many keys) the caller takes the
+//! general path, which rewrites every mask.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use super::bracket::bracket_bounds;
+use super::key::{with_key_fn, KeyFn, Order, Score};
+use super::pieces::{split, split_with_out, total_len, PIECE_LEN};
+use super::radix::{select_in_memory, BRACKET_MIN_LEN};
+use crate::error::SelectError;
+
+const BLOCK: usize = 64;
+
+/// A gathered key and its position inside its piece.
+type Candidate<K> = (K, u32);
+
+/// Write `key > hi` over one piece; return the count above `hi`, the in-bracket candidates in index
+/// order, and whether a NaN was seen.
+fn pass_piece<T: Score, F: KeyFn<T>>(src: &[T], out: &mut [bool], lo: T::Key, hi: T::Key) -> (u64, Vec<Candidate<T::Key>>, bool) {
+    debug_assert!(src.len() <= PIECE_LEN);
+    let (mut above, mut nan) = (0u64, false);
+    let mut candidates = Vec::new();
+    for (b, (xs, os)) in src.chunks(BLOCK).zip(out.chunks_mut(BLOCK)).enumerate() {
+        // Separate simple loops vectorise; the block is in L1 for the second one.
+        for (o, &x) in os.iter_mut().zip(xs) {
+            *o = F::key(x) > hi;
+        }
+        let (mut a, mut hits, mut n) = (0u32, 0u32, false);
+        for &x in xs {
+            let key = F::key(x);
+            a += (key > hi) as u32;
+            hits += ((key >= lo) & (key <= hi)) as u32;
+            n |= x.is_nan();
+        }
+        above += u64::from(a);
+        nan |= n;
+        if hits > 0 {
+            let base = (b * BLOCK) as u32;
+            let mut left = hits;
+            for (j, &x) in xs.iter().enumerate() {
+                let key = F::key(x);
+                if key >= lo && key <= hi {
+                    candidates.push((key, base + j as u32));
+                    left -= 1;
+                    if left == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    (above, candidates, nan)
+}
+
+fn fused_with<T: Score, F: KeyFn<T>>(
+    pairs: &mut [(&[T], &mut [bool])],
+    k: u64,
+    lo: T::Key,
+    hi: T::Key,
+    max_inside: u64,
+) -> Result<bool, SelectError> {
+    let gathered = AtomicU64::new(0);
+    let overflow = AtomicBool::new(false);
+    let parts: Vec<(u64, Vec<Candidate<T::Key>>, bool)> = pairs
+        .par_iter_mut()
+        .map(|(src, out)| {
+            if overflow.load(Ordering::Relaxed) {
+                return (0, Vec::new(), false);
+            }
+            let part = pass_piece::<T, F>(src, out, lo, hi);
+            if gathered.fetch_add(part.1.len() as u64, Ordering::Relaxed) + part.1.len() as u64 > max_inside {
+                overflow.store(true, Ordering::Relaxed);
+            }
+            part
+        })
+        .collect();
+    if overflow.load(Ordering::Relaxed) {
+        return Ok(false);
+    }
+    if parts.iter().any(|p| p.2) {
+        return Err(SelectError::NanInput { arg: "x" });
+    }
+    let above: u64 = parts.iter().map(|p| p.0).sum();
+    let inside: u64 = parts.iter().map(|p| p.1.len() as u64).sum();
+    if k <= above || k > above + inside {
+        return Ok(false);
+    }
+    let keys: Vec<T::Key> = parts.iter().flat_map(|p| p.1.iter().map(|c| c.0)).collect();
+    let t = select_in_memory(keys, k - above, above);
+    // Of the keys equal to the threshold keep the first `take` in global order: pieces in order, and
+    // candidates in index order within a piece.
+    let mut take_left = t.take_equal(k);
+    let quotas: Vec<u64> = parts
+        .iter()
+        .map(|p| {
+            let equal = p.1.iter().filter(|c| c.0 == t.key).count() as u64;
+            let quota = take_left.min(equal);
+            take_left -= quota;
+            quota
+        })
+        .collect();
+    pairs.par_iter_mut().zip(parts.par_iter()).zip(quotas.par_iter()).for_each(|(((_, out), part), &quota)| {
+        let mut left = quota;
+        for &(key, idx) in &part.1 {
+            if key > t.key {
+                out[idx as usize] = true;
+            } else if key == t.key && left > 0 {
+                out[idx as usize] = true;
+                left -= 1;
+            }
+        }
+    });
+    Ok(true)
+}
+
+/// Try the one-pass path; `Ok(false)` means "not taken" and the masks must be rewritten by the caller.
+pub fn topk_masks_one_pass<T: Score>(
+    sources: &[&[T]],
+    masks: &mut [&mut [bool]],
+    k: u64,
+    order: Order,
+) -> Result<bool, SelectError> {
+    let n = total_len(sources);
+    if n < BRACKET_MIN_LEN || k == 0 || k > n {
+        return Ok(false);
+    }
+    let Some((lo, hi)) = bracket_bounds(&split(sources), n, k, order) else {
+        return Ok(false);
+    };
+    let max_inside = (n / 4) / (std::mem::size_of::<T::Key>() + 4) as u64;
+    let mut pairs = split_with_out(sources, masks);
+    with_key_fn!(order, fused_with::<T>(&mut pairs, k, lo, hi, max_inside))
+}
