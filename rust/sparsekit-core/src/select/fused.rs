@@ -18,12 +18,14 @@ use crate::error::SelectError;
 
 const BLOCK: usize = 64;
 
-/// A gathered key and its position inside its piece.
-type Candidate<K> = (K, u32);
+/// Position of a gathered key inside its piece (pieces hold at most 2**16 elements); the key itself
+/// is read again from the input when needed, which keeps the scratch memory at 2 bytes a candidate.
+type Position = u16;
+const _: () = assert!(PIECE_LEN <= 1 << 16);
 
-/// Write `key > hi` over one piece; return the count above `hi`, the in-bracket candidates in index
-/// order, and whether a NaN was seen.
-fn pass_piece<T: Score, F: KeyFn<T>>(src: &[T], out: &mut [bool], lo: T::Key, hi: T::Key) -> (u64, Vec<Candidate<T::Key>>, bool) {
+/// Write `key > hi` over one piece; return the count above `hi`, the positions of the in-bracket keys
+/// in index order, and whether a NaN was seen.
+fn pass_piece<T: Score, F: KeyFn<T>>(src: &[T], out: &mut [bool], lo: T::Key, hi: T::Key) -> (u64, Vec<Position>, bool) {
     debug_assert!(src.len() <= PIECE_LEN);
     let (mut above, mut nan) = (0u64, false);
     let mut candidates = Vec::new();
@@ -42,12 +44,12 @@ fn pass_piece<T: Score, F: KeyFn<T>>(src: &[T], out: &mut [bool], lo: T::Key, hi
         above += u64::from(a);
         nan |= n;
         if hits > 0 {
-            let base = (b * BLOCK) as u32;
+            let base = b * BLOCK;
             let mut left = hits;
             for (j, &x) in xs.iter().enumerate() {
                 let key = F::key(x);
                 if key >= lo && key <= hi {
-                    candidates.push((key, base + j as u32));
+                    candidates.push((base + j) as Position);
                     left -= 1;
                     if left == 0 {
                         break;
@@ -68,7 +70,7 @@ fn fused_with<T: Score, F: KeyFn<T>>(
 ) -> Result<bool, SelectError> {
     let gathered = AtomicU64::new(0);
     let overflow = AtomicBool::new(false);
-    let parts: Vec<(u64, Vec<Candidate<T::Key>>, bool)> = pairs
+    let parts: Vec<(u64, Vec<Position>, bool)> = pairs
         .par_iter_mut()
         .map(|(src, out)| {
             if overflow.load(Ordering::Relaxed) {
@@ -92,28 +94,32 @@ fn fused_with<T: Score, F: KeyFn<T>>(
     if k <= above || k > above + inside {
         return Ok(false);
     }
-    let keys: Vec<T::Key> = parts.iter().flat_map(|p| p.1.iter().map(|c| c.0)).collect();
+    let keys: Vec<T::Key> = pairs
+        .iter()
+        .zip(&parts)
+        .flat_map(|((src, _), part)| part.1.iter().map(|&i| F::key(src[i as usize])))
+        .collect();
     let t = select_in_memory(keys, k - above, above);
     // Of the keys equal to the threshold keep the first `take` in global order: pieces in order, and
     // candidates in index order within a piece.
     let mut take_left = t.take_equal(k);
-    let quotas: Vec<u64> = parts
+    let quotas: Vec<u64> = pairs
         .iter()
-        .map(|p| {
-            let equal = p.1.iter().filter(|c| c.0 == t.key).count() as u64;
+        .zip(&parts)
+        .map(|((src, _), part)| {
+            let equal = part.1.iter().filter(|&&i| F::key(src[i as usize]) == t.key).count() as u64;
             let quota = take_left.min(equal);
             take_left -= quota;
             quota
         })
         .collect();
-    pairs.par_iter_mut().zip(parts.par_iter()).zip(quotas.par_iter()).for_each(|(((_, out), part), &quota)| {
+    pairs.par_iter_mut().zip(parts.par_iter()).zip(quotas.par_iter()).for_each(|(((src, out), part), &quota)| {
         let mut left = quota;
-        for &(key, idx) in &part.1 {
-            if key > t.key {
-                out[idx as usize] = true;
-            } else if key == t.key && left > 0 {
-                out[idx as usize] = true;
-                left -= 1;
+        for &i in &part.1 {
+            let key = F::key(src[i as usize]);
+            if key > t.key || (key == t.key && left > 0) {
+                left -= (key == t.key) as u64;
+                out[i as usize] = true;
             }
         }
     });
@@ -134,7 +140,7 @@ pub fn topk_masks_one_pass<T: Score>(
     let Some((lo, hi)) = bracket_bounds(&split(sources), n, k, order) else {
         return Ok(false);
     };
-    let max_inside = (n / 4) / (std::mem::size_of::<T::Key>() + 4) as u64;
+    let max_inside = (n / 4) / (std::mem::size_of::<T::Key>() + std::mem::size_of::<Position>()) as u64;
     let mut pairs = split_with_out(sources, masks);
     with_key_fn!(order, fused_with::<T>(&mut pairs, k, lo, hi, max_inside))
 }
