@@ -1,16 +1,24 @@
-// Shared helpers of the selection kernels: order-preserving keys and launch constants.
+// Shared helpers of the selection kernels: order-preserving keys, the tensor table, launch constants.
 //
 // IEEE floats and bf16 are sign-magnitude, so their raw bits sort as unsigned integers once the sign
 // is handled: by |x| the key is the bits with the sign cleared; by x it is `bits | SIGN` for
 // non-negative values and `~bits` for negative ones. -0.0 ranks just below +0.0 by value and ties
 // with it by |x|. The Rust core (rust/sparsekit-core/src/select/key.rs) uses the same maps, which is
-// what makes CPU and GPU answers identical.
+// what makes CPU and GPU answers identical. Keys are widened to 64 bits (order unchanged) so one
+// radix code path serves 16-, 32- and 64-bit formats.
 #pragma once
 
-#define SK_RADIX_BITS 8
-#define SK_RADIX_BINS 256
-#define SK_CHUNK 4096      // elements per block in the mask kernels
-#define SK_MAX_GROUP 32    // N:M groups up to this size keep their keys in registers
+#define SK_RADIX_BITS 11                  // widest digit of one radix pass
+#define SK_RADIX_BINS (1 << SK_RADIX_BITS)  // 2048 bins: 8 KiB of shared counts
+#define SK_CHUNK 4096                     // elements of one tensor handled by one block at a time
+#define SK_MAX_GROUP 32                   // N:M groups up to this size keep their keys in registers
+
+// Slots of the per-select state vector (int64 words on the device; read back once at the end).
+#define SK_PREFIX 0     // key bits fixed so far (after the last pass: the k-th largest key)
+#define SK_REMAINING 1  // rank still to find below the prefix (1-based)
+#define SK_GREATER 2    // keys strictly greater than the prefix (over all tensors)
+#define SK_EQUAL 3      // keys under the prefix after the last pass (= keys equal to the k-th key)
+#define SK_STATE_WORDS 4
 
 template <typename Bits>
 __device__ __forceinline__ Bits sk_sign_bit() {
@@ -30,7 +38,8 @@ __device__ __forceinline__ unsigned long long sk_key(Bits bits) {
     return (unsigned long long)key;
 }
 
-// NaN: magnitude bits above those of +inf (`nan_abs`, per format).
+// NaN: magnitude bits above those of +inf (`nan_abs`, per format: 0x7C00 f16, 0x7F80 bf16,
+// 0x7F800000 f32, 0x7FF0000000000000 f64).
 template <typename Bits>
 __device__ __forceinline__ bool sk_is_nan(Bits bits, Bits nan_abs) {
     return (Bits)(bits & (Bits)~sk_sign_bit<Bits>()) > nan_abs;
@@ -39,4 +48,18 @@ __device__ __forceinline__ bool sk_is_nan(Bits bits, Bits nan_abs) {
 // Whether a key's bits above `shift` equal `prefix` (shift >= 64: every key matches).
 __device__ __forceinline__ bool sk_matches(unsigned long long key, unsigned long long prefix, int shift) {
     return shift >= 64 || (key >> shift) == prefix;
+}
+
+// The tensor table: many tensors seen as one sequence without concatenating them. `chunk_start[t]` is
+// the first chunk (SK_CHUNK elements of one tensor) of tensor t in the global chunk numbering (tensor
+// order, then index order); `chunk_start[num_tensors]` is the chunk count. Empty tensors own no chunk.
+// Returns the tensor owning chunk c: the last t with chunk_start[t] <= c (binary search; block-uniform).
+__device__ __forceinline__ int sk_chunk_owner(const long long* __restrict__ chunk_start, int num_tensors,
+                                              long long c) {
+    int lo = 0, hi = num_tensors;  // invariant: chunk_start[lo] <= c < chunk_start[hi]
+    while (hi - lo > 1) {
+        const int mid = lo + (hi - lo) / 2;
+        if (chunk_start[mid] <= c) lo = mid; else hi = mid;
+    }
+    return lo;
 }

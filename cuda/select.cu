@@ -1,45 +1,107 @@
-// Exact selection on CUDA tensors: radix histograms over order-preserving key bits, mask writing
+// Exact selection on CUDA tensors: a most-significant-digit radix select over order-preserving key
+// bits across many tensors at once (a device table of tensors, nothing concatenated), mask writing
 // with exact tie handling, and N:M masks. Launched by python/sparsekit/_cuda_select.py; executed on
-// the CPU in tests through cuda/sim. Keys: see common.cuh.
+// the CPU in tests through cuda/sim. Keys and the tensor table: see common.cuh.
+//
+// Every step of a select reads its inputs (prefix, rank left) from a small device state vector and
+// writes its results back there, so a whole top-k is a chain of launches on one stream with a single
+// host synchronisation at the very end (to read the NaN count, and for kth values the key).
 #include "common.cuh"
 
-// One radix pass: histogram of the 8-bit digit at `digit_shift` over the keys whose bits above
-// `prefix_shift` equal `prefix` (prefix_shift = key bits: all keys). `nan_flag` (may be null) is set
-// when a NaN is seen. Grid-stride; per-block shared histogram, then global atomics.
+// One radix pass over all tensors of the table: histogram of the `digit_bits`-bit digit at
+// `digit_shift` of the keys whose bits above `prefix_shift` equal state[SK_PREFIX] (prefix_shift =
+// key width: every key). Blocks take chunks grid-stride; per-block shared-memory counts, then one
+// global atomicAdd per non-empty bin. With `count_nan`, NaNs are counted into *nan_count.
 template <typename Bits, int BY_VALUE>
-__global__ void radix_hist(const Bits* __restrict__ x, long long n, unsigned long long prefix, int prefix_shift,
-                           int digit_shift, Bits nan_abs, unsigned long long* __restrict__ hist,
-                           unsigned int* __restrict__ nan_flag) {
+__global__ void radix_hist(const unsigned long long* __restrict__ xs, const long long* __restrict__ lens,
+                           const long long* __restrict__ chunk_start, int num_tensors,
+                           const long long* __restrict__ state, int prefix_shift, int digit_shift, int digit_bits,
+                           int count_nan, Bits nan_abs, unsigned long long* __restrict__ hist,
+                           unsigned long long* __restrict__ nan_count) {
     __shared__ unsigned int counts[SK_RADIX_BINS];
-    for (int i = threadIdx.x; i < SK_RADIX_BINS; i += blockDim.x) counts[i] = 0;
+    __shared__ unsigned int block_nans;
+    const int bins = 1 << digit_bits;
+    for (int i = threadIdx.x; i < bins; i += blockDim.x) counts[i] = 0;
+    if (threadIdx.x == 0) block_nans = 0;
     __syncthreads();
-    bool saw_nan = false;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const Bits bits = x[i];
-        saw_nan |= sk_is_nan<Bits>(bits, nan_abs);
-        const unsigned long long key = sk_key<Bits, BY_VALUE>(bits);
-        if (sk_matches(key, prefix, prefix_shift)) {
-            atomicAdd(&counts[(key >> digit_shift) & (SK_RADIX_BINS - 1)], 1u);
+    const unsigned long long prefix = (unsigned long long)state[SK_PREFIX];
+    const unsigned long long digit_mask = (unsigned long long)(bins - 1);
+    const long long chunks = chunk_start[num_tensors];
+    unsigned int nans = 0;
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const int t = sk_chunk_owner(chunk_start, num_tensors, c);
+        const Bits* __restrict__ x = reinterpret_cast<const Bits*>(xs[t]);
+        const long long start = (c - chunk_start[t]) * SK_CHUNK;
+        const long long end = start + SK_CHUNK < lens[t] ? start + SK_CHUNK : lens[t];
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const Bits bits = x[i];
+            if (count_nan) nans += sk_is_nan<Bits>(bits, nan_abs);
+            const unsigned long long key = sk_key<Bits, BY_VALUE>(bits);
+            if (sk_matches(key, prefix, prefix_shift)) atomicAdd(&counts[(key >> digit_shift) & digit_mask], 1u);
         }
     }
-    if (saw_nan && nan_flag != nullptr) atomicOr(nan_flag, 1u);
+    if (nans != 0) atomicAdd(&block_nans, nans);
     __syncthreads();
-    for (int i = threadIdx.x; i < SK_RADIX_BINS; i += blockDim.x) {
+    for (int i = threadIdx.x; i < bins; i += blockDim.x) {
         if (counts[i] != 0) atomicAdd(&hist[i], (unsigned long long)counts[i]);
     }
+    if (threadIdx.x == 0 && block_nans != 0) atomicAdd(nan_count, (unsigned long long)block_nans);
 }
 
-// mask = key >= threshold over one chunk of SK_CHUNK elements per block; also counts, per block, the
-// keys equal to the threshold (so the host can hand out exactly `take_equal` of them in index order).
+// After a pass: find the digit holding the state[SK_REMAINING]-th largest key among the `bins`
+// counts, append it to the prefix, and move the counts above it to state[SK_GREATER]. One block:
+// each thread sums a slice of bins, then thread 0 walks the slice sums and the chosen slice from the
+// top. `hist` holds this pass's counts only (one row per pass, zeroed by the host beforehand).
+extern "C" __global__ void radix_pick(const unsigned long long* __restrict__ hist, int digit_bits,
+                                      long long* __restrict__ state) {
+    __shared__ unsigned long long slice_sum[1024];
+    const int bins = 1 << digit_bits;
+    const int per = (bins + blockDim.x - 1) / blockDim.x;
+    unsigned long long sum = 0;
+    for (int j = 0; j < per; ++j) {
+        const int b = threadIdx.x * per + j;
+        if (b < bins) sum += hist[b];
+    }
+    slice_sum[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    const unsigned long long remaining = (unsigned long long)state[SK_REMAINING];
+    unsigned long long above = 0;
+    int slice = 0;
+    for (int s = (int)blockDim.x - 1; s >= 0; --s) {
+        if (above + slice_sum[s] >= remaining) { slice = s; break; }
+        above += slice_sum[s];
+    }
+    int digit = slice * per;  // fallback (rank out of range: cannot happen for validated input)
+    for (int b = (slice + 1) * per - 1; b >= slice * per; --b) {
+        if (b >= bins) continue;
+        if (above + hist[b] >= remaining) { digit = b; break; }
+        above += hist[b];
+    }
+    state[SK_PREFIX] = (long long)(((unsigned long long)state[SK_PREFIX] << digit_bits) | (unsigned long long)digit);
+    state[SK_REMAINING] = (long long)(remaining - above);
+    state[SK_GREATER] += (long long)above;
+    state[SK_EQUAL] = (long long)hist[digit];
+}
+
+// mask = key >= T (T = state[SK_PREFIX], the k-th largest key) over one chunk per block, for every
+// tensor of the table; also counts, per chunk, the keys equal to T (so the kept ties can be handed
+// out in global index order).
 template <typename Bits, int BY_VALUE>
-__global__ void mask_at_least(const Bits* __restrict__ x, long long n, unsigned long long threshold,
-                              bool* __restrict__ out, unsigned long long* __restrict__ equal_per_block) {
+__global__ void mask_at_least(const unsigned long long* __restrict__ xs, const unsigned long long* __restrict__ outs,
+                              const long long* __restrict__ lens, const long long* __restrict__ chunk_start,
+                              int num_tensors, const long long* __restrict__ state,
+                              unsigned long long* __restrict__ equal_per_chunk) {
     __shared__ unsigned int equal;
     if (threadIdx.x == 0) equal = 0;
     __syncthreads();
-    const long long start = (long long)blockIdx.x * SK_CHUNK;
-    const long long end = start + SK_CHUNK < n ? start + SK_CHUNK : n;
+    const long long c = blockIdx.x;
+    const int t = sk_chunk_owner(chunk_start, num_tensors, c);
+    const Bits* __restrict__ x = reinterpret_cast<const Bits*>(xs[t]);
+    bool* __restrict__ out = reinterpret_cast<bool*>(outs[t]);
+    const unsigned long long threshold = (unsigned long long)state[SK_PREFIX];
+    const long long start = (c - chunk_start[t]) * SK_CHUNK;
+    const long long end = start + SK_CHUNK < lens[t] ? start + SK_CHUNK : lens[t];
     unsigned int mine = 0;
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
         const unsigned long long key = sk_key<Bits, BY_VALUE>(x[i]);
@@ -48,24 +110,33 @@ __global__ void mask_at_least(const Bits* __restrict__ x, long long n, unsigned 
     }
     if (mine != 0) atomicAdd(&equal, mine);
     __syncthreads();
-    if (threadIdx.x == 0) equal_per_block[blockIdx.x] = equal;
+    if (threadIdx.x == 0) equal_per_chunk[c] = equal;
 }
 
-// Keep only the first keep[b] keys equal to the threshold in block b's chunk (index order): a
-// block-wide scan of "is equal" flags, tile by tile, built from warp ballots. Blocks that keep all
-// their equal keys return at once.
+// Keep only the first keep = clamp(k - state[SK_GREATER] - equal_before[c], 0) keys equal to T in
+// chunk c (index order), clear the rest: a block-wide scan of "is equal" flags, tile by tile, built
+// from warp ballots. `equal_before` is the exclusive scan of mask_at_least's per-chunk counts. Chunks
+// that keep all their equal keys (the usual case) return at once.
 template <typename Bits, int BY_VALUE>
-__global__ void mask_trim_equal(const Bits* __restrict__ x, long long n, unsigned long long threshold,
-                                bool* __restrict__ out, const unsigned long long* __restrict__ equal_per_block,
-                                const long long* __restrict__ keep) {
+__global__ void mask_trim_equal(const unsigned long long* __restrict__ xs, const unsigned long long* __restrict__ outs,
+                                const long long* __restrict__ lens, const long long* __restrict__ chunk_start,
+                                int num_tensors, const long long* __restrict__ state, long long k,
+                                const unsigned long long* __restrict__ equal_per_chunk,
+                                const long long* __restrict__ equal_before) {
     __shared__ unsigned int warp_totals[32];
-    const long long keep_here = keep[blockIdx.x];
-    if ((unsigned long long)keep_here >= equal_per_block[blockIdx.x]) return;  // uniform per block
+    const long long c = blockIdx.x;
+    long long keep_here = k - state[SK_GREATER] - equal_before[c];
+    keep_here = keep_here < 0 ? 0 : keep_here;
+    if ((unsigned long long)keep_here >= equal_per_chunk[c]) return;  // uniform per block
+    const int t = sk_chunk_owner(chunk_start, num_tensors, c);
+    const Bits* __restrict__ x = reinterpret_cast<const Bits*>(xs[t]);
+    bool* __restrict__ out = reinterpret_cast<bool*>(outs[t]);
+    const unsigned long long threshold = (unsigned long long)state[SK_PREFIX];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = (blockDim.x + 31) >> 5;
-    const long long start = (long long)blockIdx.x * SK_CHUNK;
-    const long long end = start + SK_CHUNK < n ? start + SK_CHUNK : n;
+    const long long start = (c - chunk_start[t]) * SK_CHUNK;
+    const long long end = start + SK_CHUNK < lens[t] ? start + SK_CHUNK : lens[t];
     long long seen = 0;  // equal keys before the current tile, in index order
     for (long long base = start; base < end; base += blockDim.x) {
         const long long i = base + threadIdx.x;
@@ -86,7 +157,8 @@ __global__ void mask_trim_equal(const Bits* __restrict__ x, long long n, unsigne
 }
 
 // N:M mask: one thread per group of m elements along the group axis of a (outer, len, inner) view;
-// keep the n largest keys, ties to the lower position. m <= SK_MAX_GROUP keeps keys in registers.
+// keep the n largest keys, ties to the lower position. m <= SK_MAX_GROUP keeps the keys in a local
+// array (registers/L1); larger groups re-read them. NaN sets *nan_flag.
 template <typename Bits, int BY_VALUE>
 __global__ void nm_mask(const Bits* __restrict__ x, bool* __restrict__ out, long long groups, long long len,
                         long long inner, int n, int m, Bits nan_abs, unsigned int* __restrict__ nan_flag) {
@@ -98,19 +170,19 @@ __global__ void nm_mask(const Bits* __restrict__ x, bool* __restrict__ out, long
         const long long g = rest / inner;
         const long long i = rest - g * inner;
         const long long base = o * len * inner + g * m * inner + i;
-        unsigned long long keys[SK_MAX_GROUP];
+        Bits keys[SK_MAX_GROUP];
         bool saw_nan = false;
         for (int j = 0; j < m; ++j) {
             const Bits bits = x[base + (long long)j * inner];
             saw_nan |= sk_is_nan<Bits>(bits, nan_abs);
-            if (j < SK_MAX_GROUP) keys[j] = sk_key<Bits, BY_VALUE>(bits);
+            if (j < SK_MAX_GROUP) keys[j] = (Bits)sk_key<Bits, BY_VALUE>(bits);
         }
         if (saw_nan) atomicOr(nan_flag, 1u);
         for (int j = 0; j < m; ++j) {
-            const unsigned long long kj = j < SK_MAX_GROUP ? keys[j] : sk_key<Bits, BY_VALUE>(x[base + (long long)j * inner]);
+            const Bits kj = j < SK_MAX_GROUP ? keys[j] : (Bits)sk_key<Bits, BY_VALUE>(x[base + (long long)j * inner]);
             int rank = 0;
             for (int l = 0; l < m; ++l) {
-                const unsigned long long kl = l < SK_MAX_GROUP ? keys[l] : sk_key<Bits, BY_VALUE>(x[base + (long long)l * inner]);
+                const Bits kl = l < SK_MAX_GROUP ? keys[l] : (Bits)sk_key<Bits, BY_VALUE>(x[base + (long long)l * inner]);
                 rank += (kl > kj) || (kl == kj && l < j);
             }
             out[base + (long long)j * inner] = rank < n;

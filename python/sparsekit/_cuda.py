@@ -3,7 +3,7 @@
 ``import sparsekit`` never imports cupy; the first CUDA call does, and without cupy it raises an
 ``ImportError`` that says what to install. Kernel sources ship inside the package (``sparsekit/cuda``,
 a link to the repository's top-level ``cuda/`` in a checkout). Modules are compiled once per
-(name, device) and cached; the source is prefixed with ``#line 1 "<name>.cu"`` so compiler messages
+(name, name expressions, device, options) and cached, kernels looked up once; the source is prefixed with ``#line 1 "<name>.cu"`` so compiler messages
 point at the real file and line.
 """
 
@@ -45,8 +45,20 @@ def import_cupy() -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def get_module(name: str, name_expressions: tuple[str, ...], device: int) -> Any:
-    """The compiled ``cupy.RawModule`` of ``cuda/<name>.cu`` for one device (cached)."""
+def get_module(name: str, name_expressions: tuple[str, ...], device: int, options: tuple[str, ...] | None = None) -> Any:
+    """The compiled ``cupy.RawModule`` of ``cuda/<name>.cu`` for one device, cached per
+    (name, name expressions, device, options); ``options=None`` means :func:`compile_options`."""
+    cupy = import_cupy()
+    opts = compile_options() if options is None else options
+    with cupy.cuda.Device(device):
+        return cupy.RawModule(code=kernel_source(name), options=opts, name_expressions=name_expressions)
+
+
+@functools.lru_cache(maxsize=None)
+def get_function(name: str, name_expressions: tuple[str, ...], device: int, kernel: str) -> Any:
+    """One kernel of :func:`get_module` (a template by its name expression, or an ``extern "C"`` name),
+    cached: ``RawModule.get_function`` builds a new ``RawKernel`` on every call."""
+    module = get_module(name, name_expressions, device)
     cupy = import_cupy()
     with cupy.cuda.Device(device):
-        return cupy.RawModule(code=kernel_source(name), options=compile_options(), name_expressions=name_expressions)
+        return module.get_function(kernel)
