@@ -59,6 +59,20 @@ fn sample_keys<T: Score>(pieces: &[Piece<'_, T>], n: u64, order: Order) -> Vec<T
     keys
 }
 
+/// Over one small block: keys above `hi`, keys inside `[lo, hi]`, and whether a NaN was seen.
+/// Branch-free, so the compiler vectorises it.
+#[inline(always)]
+pub(crate) fn count_block<T: Score, F: KeyFn<T>>(block: &[T], lo: T::Key, hi: T::Key) -> (u32, u32, bool) {
+    let (mut above, mut inside, mut nan) = (0u32, 0u32, false);
+    for &x in block {
+        let key = F::key(x);
+        above += (key > hi) as u32;
+        inside += ((key >= lo) & (key <= hi)) as u32;
+        nan |= x.is_nan();
+    }
+    (above, inside, nan)
+}
+
 /// Keys of one piece inside `[lo, hi]`, the count above `hi`, and whether a NaN was seen.
 fn scan_piece<T: Score, F: KeyFn<T>>(data: &[T], lo: T::Key, hi: T::Key, inside: &mut Vec<T::Key>) -> (u64, bool) {
     const BLOCK: usize = 64;
@@ -66,13 +80,7 @@ fn scan_piece<T: Score, F: KeyFn<T>>(data: &[T], lo: T::Key, hi: T::Key, inside:
     for block in data.chunks(BLOCK) {
         // Branch-free counting the compiler vectorises; a block with candidates is compacted again
         // while it is still in L1.
-        let (mut a, mut hits, mut n) = (0u32, 0u32, false);
-        for &x in block {
-            let key = F::key(x);
-            a += (key > hi) as u32;
-            hits += ((key >= lo) & (key <= hi)) as u32;
-            n |= x.is_nan();
-        }
+        let (a, hits, n) = count_block::<T, F>(block, lo, hi);
         above += u64::from(a);
         nan |= n;
         if hits > 0 {

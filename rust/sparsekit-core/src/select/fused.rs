@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use super::bracket::bracket_bounds;
+use super::bracket::{bracket_bounds, count_block};
 use super::key::{with_key_fn, KeyFn, Order, Score};
 use super::pieces::{split, split_with_out, total_len, PIECE_LEN};
 use super::radix::{select_in_memory, BRACKET_MIN_LEN};
@@ -34,13 +34,7 @@ fn pass_piece<T: Score, F: KeyFn<T>>(src: &[T], out: &mut [bool], lo: T::Key, hi
         for (o, &x) in os.iter_mut().zip(xs) {
             *o = F::key(x) > hi;
         }
-        let (mut a, mut hits, mut n) = (0u32, 0u32, false);
-        for &x in xs {
-            let key = F::key(x);
-            a += (key > hi) as u32;
-            hits += ((key >= lo) & (key <= hi)) as u32;
-            n |= x.is_nan();
-        }
+        let (a, hits, n) = count_block::<T, F>(xs, lo, hi);
         above += u64::from(a);
         nan |= n;
         if hits > 0 {
