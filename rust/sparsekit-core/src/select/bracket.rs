@@ -137,6 +137,13 @@ fn scan_all<T: Score, F: KeyFn<T>>(
     Some(Bracket { above, inside, nan })
 }
 
+/// How many in-bracket keys a pass may gather before it gives up: their scratch (a key and a 2-byte
+/// position each, as the one-pass path stores them) stays within a quarter of the mask bytes. The
+/// bracket pass and the one-pass path share this bound, so when one gives up the other would too.
+pub fn max_candidates<K>(n: u64) -> u64 {
+    (n / 4) / (std::mem::size_of::<K>() + std::mem::size_of::<u16>()) as u64
+}
+
 /// The sampled bracket `[lo, hi]` around the `rank`-th largest key; `None` when the input is too small
 /// for a useful sample. An end beyond the sample leaves that side open (`MIN` / `MAX`).
 pub fn bracket_bounds<T: Score>(pieces: &[Piece<'_, T>], n: u64, rank: u64, order: Order) -> Option<(T::Key, T::Key)> {

@@ -4,13 +4,14 @@
 //! as `key > hi` while the pass counts the keys above the bracket and gathers the few inside it
 //! together with their positions. Once the exact threshold is found among those, only the gathered
 //! positions need fixing. When the bracket misses (or holds too many keys) the caller takes the
-//! general path, which rewrites every mask.
+//! radix path, which rewrites every mask: the bracket pass would fail the same way (same sample,
+//! same bounds, same `max_candidates`), so it is not tried again.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use super::bracket::{bracket_bounds, count_block};
+use super::bracket::{bracket_bounds, count_block, max_candidates};
 use super::key::{with_key_fn, KeyFn, Order, Score};
 use super::pieces::{split, split_with_out, total_len, PIECE_LEN};
 use super::radix::{select_in_memory, BRACKET_MIN_LEN};
@@ -134,7 +135,7 @@ pub fn topk_masks_one_pass<T: Score>(
     let Some((lo, hi)) = bracket_bounds(&split(sources), n, k, order) else {
         return Ok(false);
     };
-    let max_inside = (n / 4) / (std::mem::size_of::<T::Key>() + std::mem::size_of::<Position>()) as u64;
+    let max_inside = max_candidates::<T::Key>(n);
     let mut pairs = split_with_out(sources, masks);
     with_key_fn!(order, fused_with::<T>(&mut pairs, k, lo, hi, max_inside))
 }

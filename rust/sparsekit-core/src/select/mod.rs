@@ -27,7 +27,8 @@ pub fn topk_masks<T: Score>(sources: &[&[T]], masks: &mut [&mut [bool]], k: u64,
         if fused::topk_masks_one_pass(sources, masks, k, order)? {
             return Ok(());
         }
-        let threshold = radix::topk_threshold(sources, k, order)?;
+        // The bracket cannot serve this k (see `fused`): go straight to the radix passes.
+        let threshold = radix::topk_threshold_with(sources, k, order, radix::Strategy::RadixOnly)?;
         mask::write_masks(sources, masks, threshold, k, order)
     })
 }

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::bracket::{bracket_pass, Bracket};
+use super::bracket::{bracket_pass, max_candidates, Bracket};
 use super::key::{Order, RadixKey, Score};
 use super::pieces::{split, total_len, Piece};
 use crate::error::SelectError;
@@ -199,7 +199,7 @@ pub fn kth_keys_with<T: Score>(
         let all = gather(&pieces, order, everything);
         return Ok(ranks.iter().map(|&r| select_in_memory(all.clone(), r, 0)).collect());
     }
-    let max_inside = (n / 4) / std::mem::size_of::<T::Key>() as u64;
+    let max_inside = max_candidates::<T::Key>(n);
     let mut bracket: Option<Bracket<T::Key>> = None;
     let mut top_hist: Option<Vec<u64>> = None;
     let top_bits = DIGIT_BITS.min(T::Key::BITS);
@@ -255,6 +255,16 @@ pub fn kth_keys_with<T: Score>(
 
 /// Exact threshold of a top-`k` selection; `None` when `k == 0`.
 pub fn topk_threshold<T: Score>(sources: &[&[T]], k: u64, order: Order) -> Result<Option<Threshold<T::Key>>, SelectError> {
+    topk_threshold_with(sources, k, order, Strategy::Auto)
+}
+
+/// `topk_threshold` restricted to the passes `strategy` allows.
+pub fn topk_threshold_with<T: Score>(
+    sources: &[&[T]],
+    k: u64,
+    order: Order,
+    strategy: Strategy,
+) -> Result<Option<Threshold<T::Key>>, SelectError> {
     let n = total_len(sources);
     if k > n {
         return Err(SelectError::KOutOfRange { k, n });
@@ -266,5 +276,5 @@ pub fn topk_threshold<T: Score>(sources: &[&[T]], k: u64, order: Order) -> Resul
         }
         return Ok(None);
     }
-    Ok(Some(kth_keys(sources, &[k], order)?[0]))
+    Ok(Some(kth_keys_with(sources, &[k], order, strategy)?[0]))
 }
