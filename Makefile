@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WHEEL_DIR := target/wheels-dist
 export PYO3_PYTHON := $(abspath $(PY))
 
-.PHONY: demo test install rust-test wheel-check stubtest pytest bench clean
+.PHONY: demo test install dev dev-test rust-test wheel-check stubtest pytest bench clean
 
 $(VENV)/.ready: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,9 +16,18 @@ $(VENV)/.ready: pyproject.toml
 
 # Build the release wheel and install it (not an editable build): tests run against what users get.
 install: $(VENV)/.ready
-	rm -rf $(WHEEL_DIR)
+	rm -rf $(WHEEL_DIR) python/sparsekit/_core*.so
 	$(VENV)/bin/maturin build --release --locked -q -o $(WHEEL_DIR)
 	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEEL_DIR)/sparsekit-*.whl
+
+# Development loop: a fast (no-LTO) build of the extension placed beside the sources, tests run
+# from the checkout (PYTHONPATH=python). `make install` removes that copy again.
+dev: $(VENV)/.ready
+	cargo build --profile fast --locked -p sparsekit-py
+	cp target/fast/lib_core.so python/sparsekit/_core.abi3.so
+
+dev-test: dev
+	PYTHONPATH=python $(PY) -m pytest -q $(TESTS)
 
 demo: install
 	$(PY) -m sparsekit demo

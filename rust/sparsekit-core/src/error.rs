@@ -1,10 +1,10 @@
-//! The core's one error type. Every variant names the argument at fault so the binding layer can
+//! The core's one error type, shared by every module (select, routing, comm, spmm, ...). Every variant names the argument at fault so the binding layer can
 //! turn it into a Python `ValueError` the user can act on.
 
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SelectError {
+pub enum CoreError {
     /// A score is NaN; NaN has no place in an order, so selection refuses it.
     NanInput { arg: &'static str },
     /// `k` is outside `0..=n`.
@@ -17,20 +17,20 @@ pub enum SelectError {
     Invalid { arg: &'static str, why: String },
 }
 
-impl fmt::Display for SelectError {
+impl fmt::Display for CoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SelectError::NanInput { arg } => {
+            CoreError::NanInput { arg } => {
                 write!(f, "{arg} contains NaN; NaN scores cannot be ranked (replace them, e.g. with torch.nan_to_num)")
             }
-            SelectError::KOutOfRange { k, n } => write!(f, "k must be in [0, {n}] (number of elements), got {k}"),
-            SelectError::RankOutOfRange { rank, n } => write!(f, "rank must be in [1, {n}], got {rank}"),
-            SelectError::LengthMismatch { arg, expected, got } => {
+            CoreError::KOutOfRange { k, n } => write!(f, "k must be in [0, {n}] (number of elements), got {k}"),
+            CoreError::RankOutOfRange { rank, n } => write!(f, "rank must be in [1, {n}], got {rank}"),
+            CoreError::LengthMismatch { arg, expected, got } => {
                 write!(f, "{arg} has {got} elements, expected {expected}")
             }
-            SelectError::Invalid { arg, why } => write!(f, "invalid {arg}: {why}"),
+            CoreError::Invalid { arg, why } => write!(f, "invalid {arg}: {why}"),
         }
     }
 }
 
-impl std::error::Error for SelectError {}
+impl std::error::Error for CoreError {}

@@ -12,4 +12,4 @@ pub mod error;
 pub mod pool;
 pub mod select;
 
-pub use error::SelectError;
+pub use error::CoreError;

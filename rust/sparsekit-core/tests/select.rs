@@ -5,7 +5,7 @@ use half::{bf16, f16};
 use sparsekit_core::pool;
 use sparsekit_core::select::radix::{self, Strategy};
 use sparsekit_core::select::{self, BlockGrid, BlockNorm, Order, Score};
-use sparsekit_core::SelectError;
+use sparsekit_core::CoreError;
 
 struct Rng(u64);
 impl Rng {
@@ -40,7 +40,7 @@ fn reference_masks<T: Score>(sources: &[&[T]], k: usize, order: Order) -> Vec<Ve
     masks
 }
 
-fn ours<T: Score>(sources: &[&[T]], k: u64, order: Order) -> Result<Vec<Vec<bool>>, SelectError> {
+fn ours<T: Score>(sources: &[&[T]], k: u64, order: Order) -> Result<Vec<Vec<bool>>, CoreError> {
     let mut masks: Vec<Vec<bool>> = sources.iter().map(|s| vec![false; s.len()]).collect();
     let mut views: Vec<&mut [bool]> = masks.iter_mut().map(|m| m.as_mut_slice()).collect();
     select::topk_masks(sources, &mut views, k, order)?;
@@ -117,17 +117,17 @@ fn infinities_are_extremes() {
 fn nan_and_bad_k_are_errors() {
     let data = [1.0f32, f32::NAN, 3.0];
     for k in [0, 1, 3] {
-        assert_eq!(ours(&[&data[..]], k, Order::Abs), Err(SelectError::NanInput { arg: "x" }));
+        assert_eq!(ours(&[&data[..]], k, Order::Abs), Err(CoreError::NanInput { arg: "x" }));
     }
     let big: Vec<f32> = (0..100_000).map(|i| if i == 99_999 { f32::NAN } else { i as f32 }).collect();
-    assert_eq!(ours(&[&big[..]], 10, Order::Value), Err(SelectError::NanInput { arg: "x" }));
-    assert_eq!(ours(&[&[1.0f32, 2.0][..]], 3, Order::Abs), Err(SelectError::KOutOfRange { k: 3, n: 2 }));
+    assert_eq!(ours(&[&big[..]], 10, Order::Value), Err(CoreError::NanInput { arg: "x" }));
+    assert_eq!(ours(&[&[1.0f32, 2.0][..]], 3, Order::Abs), Err(CoreError::KOutOfRange { k: 3, n: 2 }));
     assert!(select::kth_values(&[&[1.0f32][..]], &[0], Order::Value).is_err());
     assert!(select::kth_values::<f32>(&[], &[1], Order::Value).is_err());
     let mut short = vec![false; 1];
     assert!(matches!(
         select::topk_masks(&[&[1.0f32, 2.0][..]], &mut [&mut short[..]], 1, Order::Abs),
-        Err(SelectError::LengthMismatch { .. })
+        Err(CoreError::LengthMismatch { .. })
     ));
 }
 

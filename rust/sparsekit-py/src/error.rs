@@ -3,9 +3,9 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::PyErr;
-use sparsekit_core::SelectError;
+use sparsekit_core::CoreError;
 
-pub fn to_py(err: SelectError) -> PyErr {
+pub fn to_py(err: CoreError) -> PyErr {
     PyValueError::new_err(err.to_string())
 }
 
@@ -18,7 +18,7 @@ mod tests {
     fn core_errors_become_value_errors_naming_the_argument() {
         Python::initialize();
         Python::attach(|py| {
-            let err = to_py(SelectError::KOutOfRange { k: 7, n: 3 });
+            let err = to_py(CoreError::KOutOfRange { k: 7, n: 3 });
             assert!(err.is_instance_of::<PyValueError>(py));
             assert!(err.to_string().contains("k must be in [0, 3]"));
         });

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::key::{Order, Score};
 use super::mask::write_masks;
 use super::radix::topk_threshold;
-use crate::error::SelectError;
+use crate::error::CoreError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockNorm {
@@ -28,18 +28,18 @@ pub struct BlockGrid {
 }
 
 impl BlockGrid {
-    pub fn check(&self, len: usize) -> Result<(), SelectError> {
+    pub fn check(&self, len: usize) -> Result<(), CoreError> {
         if self.bh == 0 || self.bw == 0 {
-            return Err(SelectError::Invalid { arg: "block", why: format!("block sizes must be positive, got ({}, {})", self.bh, self.bw) });
+            return Err(CoreError::Invalid { arg: "block", why: format!("block sizes must be positive, got ({}, {})", self.bh, self.bw) });
         }
         if self.rows % self.bh != 0 || self.cols % self.bw != 0 {
-            return Err(SelectError::Invalid {
+            return Err(CoreError::Invalid {
                 arg: "block",
                 why: format!("block ({}, {}) does not divide the shape ({}, {})", self.bh, self.bw, self.rows, self.cols),
             });
         }
         if self.rows * self.cols != len {
-            return Err(SelectError::LengthMismatch { arg: "x", expected: self.rows * self.cols, got: len });
+            return Err(CoreError::LengthMismatch { arg: "x", expected: self.rows * self.cols, got: len });
         }
         Ok(())
     }
@@ -115,12 +115,12 @@ fn fold_segment<T: Score, N: Fold>(seg: &[T]) -> f64 {
     N::combine(N::combine(acc[0], acc[1]), N::combine(acc[2], acc[3]))
 }
 
-fn block_scores_with<T: Score, N: Fold>(x: &[T], grid: BlockGrid, scores: &mut [f64]) -> Result<(), SelectError> {
+fn block_scores_with<T: Score, N: Fold>(x: &[T], grid: BlockGrid, scores: &mut [f64]) -> Result<(), CoreError> {
     let bc = grid.block_cols();
     scores.par_chunks_mut(bc).enumerate().try_for_each(|(br, row_scores)| {
         let rows = &x[br * grid.bh * grid.cols..(br + 1) * grid.bh * grid.cols];
         if rows.iter().any(|v| v.is_nan()) {
-            return Err(SelectError::NanInput { arg: "x" });
+            return Err(CoreError::NanInput { arg: "x" });
         }
         for row in rows.chunks_exact(grid.cols) {
             for (acc, seg) in row_scores.iter_mut().zip(row.chunks_exact(grid.bw)) {
@@ -132,7 +132,7 @@ fn block_scores_with<T: Score, N: Fold>(x: &[T], grid: BlockGrid, scores: &mut [
 }
 
 /// One score per block, row-major over blocks.
-pub fn block_scores<T: Score>(x: &[T], grid: BlockGrid, norm: BlockNorm) -> Result<Vec<f64>, SelectError> {
+pub fn block_scores<T: Score>(x: &[T], grid: BlockGrid, norm: BlockNorm) -> Result<Vec<f64>, CoreError> {
     grid.check(x.len())?;
     let mut scores = vec![0.0f64; grid.num_blocks()];
     if scores.is_empty() {
@@ -154,13 +154,13 @@ pub fn block_topk_mask<T: Score>(
     norm: BlockNorm,
     elem_mask: &mut [bool],
     block_mask: &mut [bool],
-) -> Result<(), SelectError> {
+) -> Result<(), CoreError> {
     grid.check(x.len())?;
     if elem_mask.len() != x.len() {
-        return Err(SelectError::LengthMismatch { arg: "mask", expected: x.len(), got: elem_mask.len() });
+        return Err(CoreError::LengthMismatch { arg: "mask", expected: x.len(), got: elem_mask.len() });
     }
     if block_mask.len() != grid.num_blocks() {
-        return Err(SelectError::LengthMismatch { arg: "block_mask", expected: grid.num_blocks(), got: block_mask.len() });
+        return Err(CoreError::LengthMismatch { arg: "block_mask", expected: grid.num_blocks(), got: block_mask.len() });
     }
     let scores = block_scores(x, grid, norm)?;
     let sources = [&scores[..]];

@@ -15,7 +15,7 @@ use super::bracket::{bracket_bounds, count_block, max_candidates};
 use super::key::{with_key_fn, KeyFn, Order, Score};
 use super::pieces::{split, split_with_out, total_len, PIECE_LEN};
 use super::radix::{select_in_memory, BRACKET_MIN_LEN};
-use crate::error::SelectError;
+use crate::error::CoreError;
 
 const BLOCK: usize = 64;
 
@@ -62,7 +62,7 @@ fn fused_with<T: Score, F: KeyFn<T>>(
     lo: T::Key,
     hi: T::Key,
     max_inside: u64,
-) -> Result<bool, SelectError> {
+) -> Result<bool, CoreError> {
     let gathered = AtomicU64::new(0);
     let overflow = AtomicBool::new(false);
     let parts: Vec<(u64, Vec<Position>, bool)> = pairs
@@ -82,7 +82,7 @@ fn fused_with<T: Score, F: KeyFn<T>>(
         return Ok(false);
     }
     if parts.iter().any(|p| p.2) {
-        return Err(SelectError::NanInput { arg: "x" });
+        return Err(CoreError::NanInput { arg: "x" });
     }
     let above: u64 = parts.iter().map(|p| p.0).sum();
     let inside: u64 = parts.iter().map(|p| p.1.len() as u64).sum();
@@ -127,7 +127,7 @@ pub fn topk_masks_one_pass<T: Score>(
     masks: &mut [&mut [bool]],
     k: u64,
     order: Order,
-) -> Result<bool, SelectError> {
+) -> Result<bool, CoreError> {
     let n = total_len(sources);
     if n < BRACKET_MIN_LEN || k == 0 || k > n {
         return Ok(false);

@@ -11,15 +11,15 @@ use rayon::prelude::*;
 use super::key::{with_key_fn, KeyFn, Order, Score};
 use super::pieces::split_with_out;
 use super::radix::Threshold;
-use crate::error::SelectError;
+use crate::error::CoreError;
 
-pub fn check_outputs<T>(sources: &[&[T]], masks: &[&mut [bool]]) -> Result<(), SelectError> {
+pub fn check_outputs<T>(sources: &[&[T]], masks: &[&mut [bool]]) -> Result<(), CoreError> {
     if sources.len() != masks.len() {
-        return Err(SelectError::LengthMismatch { arg: "masks", expected: sources.len(), got: masks.len() });
+        return Err(CoreError::LengthMismatch { arg: "masks", expected: sources.len(), got: masks.len() });
     }
     for (s, m) in sources.iter().zip(masks) {
         if s.len() != m.len() {
-            return Err(SelectError::LengthMismatch { arg: "mask", expected: s.len(), got: m.len() });
+            return Err(CoreError::LengthMismatch { arg: "mask", expected: s.len(), got: m.len() });
         }
     }
     Ok(())
@@ -69,7 +69,7 @@ pub fn write_masks<T: Score>(
     threshold: Option<Threshold<T::Key>>,
     k: u64,
     order: Order,
-) -> Result<(), SelectError> {
+) -> Result<(), CoreError> {
     check_outputs(sources, masks)?;
     let mut pairs = split_with_out(sources, masks);
     let Some(t) = threshold else {

@@ -17,11 +17,11 @@ pub use block::{BlockGrid, BlockNorm};
 pub use key::{Order, Score};
 pub use radix::Threshold;
 
-use crate::error::SelectError;
+use crate::error::CoreError;
 use crate::pool;
 
 /// Top-`k` over all `sources` together: `masks[i][j]` is true for exactly `k` elements in total.
-pub fn topk_masks<T: Score>(sources: &[&[T]], masks: &mut [&mut [bool]], k: u64, order: Order) -> Result<(), SelectError> {
+pub fn topk_masks<T: Score>(sources: &[&[T]], masks: &mut [&mut [bool]], k: u64, order: Order) -> Result<(), CoreError> {
     mask::check_outputs(sources, masks)?;
     pool::install(|| {
         if fused::topk_masks_one_pass(sources, masks, k, order)? {
@@ -35,7 +35,7 @@ pub fn topk_masks<T: Score>(sources: &[&[T]], masks: &mut [&mut [bool]], k: u64,
 
 /// The `rank`-th largest score (1-based) over all sources, for each rank. With `Order::Abs` the
 /// returned values are magnitudes.
-pub fn kth_values<T: Score>(sources: &[&[T]], ranks: &[u64], order: Order) -> Result<Vec<T>, SelectError> {
+pub fn kth_values<T: Score>(sources: &[&[T]], ranks: &[u64], order: Order) -> Result<Vec<T>, CoreError> {
     pool::install(|| {
         let thresholds = radix::kth_keys(sources, ranks, order)?;
         Ok(thresholds.into_iter().map(|t| T::from_key(t.key, order)).collect())
@@ -43,7 +43,7 @@ pub fn kth_values<T: Score>(sources: &[&[T]], ranks: &[u64], order: Order) -> Re
 }
 
 /// N:M mask of `x` viewed as `(outer, len, inner)`, groups of `m` along `len`.
-pub fn nm_mask<T: Score>(x: &[T], out: &mut [bool], len: usize, inner: usize, n: usize, m: usize, order: Order) -> Result<(), SelectError> {
+pub fn nm_mask<T: Score>(x: &[T], out: &mut [bool], len: usize, inner: usize, n: usize, m: usize, order: Order) -> Result<(), CoreError> {
     pool::install(|| nm::nm_mask(x, out, len, inner, n, m, order))
 }
 
@@ -55,6 +55,6 @@ pub fn block_topk_mask<T: Score>(
     norm: BlockNorm,
     elem_mask: &mut [bool],
     block_mask: &mut [bool],
-) -> Result<(), SelectError> {
+) -> Result<(), CoreError> {
     pool::install(|| block::block_topk_mask(x, grid, k, norm, elem_mask, block_mask))
 }

@@ -8,27 +8,27 @@
 use rayon::prelude::*;
 
 use super::key::{with_key_fn, KeyFn, Order, RadixKey, Score};
-use crate::error::SelectError;
+use crate::error::CoreError;
 
 /// Groups up to this size are ranked with fixed-size arrays on the stack.
 const STACK_GROUP: usize = 32;
 
-fn check<T>(x: &[T], out: &[bool], len: usize, inner: usize, n: usize, m: usize) -> Result<(), SelectError> {
+fn check<T>(x: &[T], out: &[bool], len: usize, inner: usize, n: usize, m: usize) -> Result<(), CoreError> {
     if m == 0 {
-        return Err(SelectError::Invalid { arg: "m", why: "m must be at least 1".into() });
+        return Err(CoreError::Invalid { arg: "m", why: "m must be at least 1".into() });
     }
     if n > m {
-        return Err(SelectError::Invalid { arg: "n", why: format!("n must be in [0, m={m}], got {n}") });
+        return Err(CoreError::Invalid { arg: "n", why: format!("n must be in [0, m={m}], got {n}") });
     }
     if len % m != 0 {
-        return Err(SelectError::Invalid { arg: "m", why: format!("m={m} does not divide the group axis of length {len}") });
+        return Err(CoreError::Invalid { arg: "m", why: format!("m={m} does not divide the group axis of length {len}") });
     }
     if out.len() != x.len() {
-        return Err(SelectError::LengthMismatch { arg: "out", expected: x.len(), got: out.len() });
+        return Err(CoreError::LengthMismatch { arg: "out", expected: x.len(), got: out.len() });
     }
     let row = len * inner;
     if (row == 0 && !x.is_empty()) || (row > 0 && x.len() % row != 0) {
-        return Err(SelectError::Invalid { arg: "shape", why: format!("{} elements do not split into rows of {len}x{inner}", x.len()) });
+        return Err(CoreError::Invalid { arg: "shape", why: format!("{} elements do not split into rows of {len}x{inner}", x.len()) });
     }
     Ok(())
 }
@@ -36,9 +36,9 @@ fn check<T>(x: &[T], out: &[bool], len: usize, inner: usize, n: usize, m: usize)
 /// Elements per parallel task: whole groups, enough work to amortise scheduling.
 const TASK_LEN: usize = 1 << 14;
 
-fn nm_task<T: Score, F: KeyFn<T>>(xs: &[T], os: &mut [bool], inner: usize, n: usize, m: usize) -> Result<(), SelectError> {
+fn nm_task<T: Score, F: KeyFn<T>>(xs: &[T], os: &mut [bool], inner: usize, n: usize, m: usize) -> Result<(), CoreError> {
     if xs.iter().any(|v| v.is_nan()) {
-        return Err(SelectError::NanInput { arg: "x" });
+        return Err(CoreError::NanInput { arg: "x" });
     }
     let slab = m * inner;
     let mut keys = [T::Key::MIN; STACK_GROUP];
@@ -75,9 +75,9 @@ fn nm_task<T: Score, F: KeyFn<T>>(xs: &[T], os: &mut [bool], inner: usize, n: us
 }
 
 /// Contiguous groups (`inner == 1`) of a compile-time size `M`: the rank loops unroll fully.
-fn nm_task_fixed<T: Score, F: KeyFn<T>, const M: usize>(xs: &[T], os: &mut [bool], n: usize) -> Result<(), SelectError> {
+fn nm_task_fixed<T: Score, F: KeyFn<T>, const M: usize>(xs: &[T], os: &mut [bool], n: usize) -> Result<(), CoreError> {
     if xs.iter().any(|v| v.is_nan()) {
-        return Err(SelectError::NanInput { arg: "x" });
+        return Err(CoreError::NanInput { arg: "x" });
     }
     for (xg, og) in xs.chunks_exact(M).zip(os.chunks_exact_mut(M)) {
         let keys: [T::Key; M] = std::array::from_fn(|j| F::key(xg[j]));
@@ -92,7 +92,7 @@ fn nm_task_fixed<T: Score, F: KeyFn<T>, const M: usize>(xs: &[T], os: &mut [bool
     Ok(())
 }
 
-fn nm_dispatch<T: Score, F: KeyFn<T>>(xs: &[T], os: &mut [bool], inner: usize, n: usize, m: usize) -> Result<(), SelectError> {
+fn nm_dispatch<T: Score, F: KeyFn<T>>(xs: &[T], os: &mut [bool], inner: usize, n: usize, m: usize) -> Result<(), CoreError> {
     match (inner, m) {
         (1, 4) => nm_task_fixed::<T, F, 4>(xs, os, n),
         (1, 8) => nm_task_fixed::<T, F, 8>(xs, os, n),
@@ -108,7 +108,7 @@ pub fn nm_mask<T: Score>(
     n: usize,
     m: usize,
     order: Order,
-) -> Result<(), SelectError> {
+) -> Result<(), CoreError> {
     check(x, out, len, inner, n, m)?;
     let slab = m * inner;
     if slab == 0 || x.is_empty() {

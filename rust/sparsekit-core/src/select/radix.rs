@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::bracket::{bracket_pass, max_candidates, Bracket};
 use super::key::{Order, RadixKey, Score};
 use super::pieces::{split, total_len, Piece};
-use crate::error::SelectError;
+use crate::error::CoreError;
 
 const DIGIT_BITS: u32 = 16;
 
@@ -167,7 +167,7 @@ pub(crate) const BRACKET_MIN_LEN: u64 = 1 << 18;
 /// Exact thresholds for several 1-based ranks at once. Large inputs first try one sampled-bracket pass
 /// (see `bracket`), which usually also serves neighbouring ranks; otherwise radix passes, which share
 /// the first histogram. Errors on NaN and on ranks outside `1..=n`.
-pub fn kth_keys<T: Score>(sources: &[&[T]], ranks: &[u64], order: Order) -> Result<Vec<Threshold<T::Key>>, SelectError> {
+pub fn kth_keys<T: Score>(sources: &[&[T]], ranks: &[u64], order: Order) -> Result<Vec<Threshold<T::Key>>, CoreError> {
     kth_keys_with(sources, ranks, order, Strategy::Auto)
 }
 
@@ -183,18 +183,18 @@ pub fn kth_keys_with<T: Score>(
     ranks: &[u64],
     order: Order,
     strategy: Strategy,
-) -> Result<Vec<Threshold<T::Key>>, SelectError> {
+) -> Result<Vec<Threshold<T::Key>>, CoreError> {
     let n = total_len(sources);
     for &rank in ranks {
         if rank == 0 || rank > n {
-            return Err(SelectError::RankOutOfRange { rank, n });
+            return Err(CoreError::RankOutOfRange { rank, n });
         }
     }
     let pieces = split(sources);
     let everything = Prefix { value: 0, shift: T::Key::BITS };
     if should_gather::<T::Key>(n, n) {
         if has_nan(&pieces) {
-            return Err(SelectError::NanInput { arg: "x" });
+            return Err(CoreError::NanInput { arg: "x" });
         }
         let all = gather(&pieces, order, everything);
         return Ok(ranks.iter().map(|&r| select_in_memory(all.clone(), r, 0)).collect());
@@ -212,7 +212,7 @@ pub fn kth_keys_with<T: Score>(
         if n >= BRACKET_MIN_LEN && strategy == Strategy::Auto {
             if let Some(b) = bracket_pass(&pieces, n, rank, order, max_inside) {
                 if b.nan {
-                    return Err(SelectError::NanInput { arg: "x" });
+                    return Err(CoreError::NanInput { arg: "x" });
                 }
                 let found = b.threshold(rank);
                 bracket = Some(b);
@@ -225,7 +225,7 @@ pub fn kth_keys_with<T: Score>(
         if top_hist.is_none() {
             let (hist, nan) = histogram(&pieces, order, everything, true);
             if nan {
-                return Err(SelectError::NanInput { arg: "x" });
+                return Err(CoreError::NanInput { arg: "x" });
             }
             top_hist = Some(hist);
         }
@@ -254,7 +254,7 @@ pub fn kth_keys_with<T: Score>(
 }
 
 /// Exact threshold of a top-`k` selection; `None` when `k == 0`.
-pub fn topk_threshold<T: Score>(sources: &[&[T]], k: u64, order: Order) -> Result<Option<Threshold<T::Key>>, SelectError> {
+pub fn topk_threshold<T: Score>(sources: &[&[T]], k: u64, order: Order) -> Result<Option<Threshold<T::Key>>, CoreError> {
     topk_threshold_with(sources, k, order, Strategy::Auto)
 }
 
@@ -264,15 +264,15 @@ pub fn topk_threshold_with<T: Score>(
     k: u64,
     order: Order,
     strategy: Strategy,
-) -> Result<Option<Threshold<T::Key>>, SelectError> {
+) -> Result<Option<Threshold<T::Key>>, CoreError> {
     let n = total_len(sources);
     if k > n {
-        return Err(SelectError::KOutOfRange { k, n });
+        return Err(CoreError::KOutOfRange { k, n });
     }
     if k == 0 {
         // Still refuse NaN: the answer must not depend on k.
         if has_nan(&split(sources)) {
-            return Err(SelectError::NanInput { arg: "x" });
+            return Err(CoreError::NanInput { arg: "x" });
         }
         return Ok(None);
     }
