@@ -63,3 +63,14 @@ __device__ __forceinline__ int sk_chunk_owner(const long long* __restrict__ chun
     }
     return lo;
 }
+
+// Double-precision add and multiply that the compiler may not fuse into an FMA: block norms must round
+// exactly as the Rust core does (rust/sparsekit-core/src/select/block.rs, no contraction). The CPU shim
+// compiles with -ffp-contract=off, so plain operators are exact there.
+#ifdef SPARSEKIT_CUDASIM
+__device__ __forceinline__ double sk_dadd(double a, double b) { return a + b; }
+__device__ __forceinline__ double sk_dmul(double a, double b) { return a * b; }
+#else
+__device__ __forceinline__ double sk_dadd(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double sk_dmul(double a, double b) { return __dmul_rn(a, b); }
+#endif

@@ -189,3 +189,62 @@ __global__ void nm_mask(const Bits* __restrict__ x, bool* __restrict__ out, long
         }
     }
 }
+
+// |x| as a double, exactly, from the raw bits of each format (FORMAT 0: f32, 1: f64, 2: f16, 3: bf16).
+// f16 is decoded by hand (subnormals included) so no fp16 header is needed.
+template <int FORMAT, typename Bits>
+__device__ __forceinline__ double sk_magnitude(Bits bits) {
+    if (FORMAT == 0) return (double)fabsf(__uint_as_float((unsigned int)bits));
+    if (FORMAT == 1) return fabs(__longlong_as_double((long long)bits));
+    if (FORMAT == 3) return (double)fabsf(__uint_as_float(((unsigned int)bits & 0x7FFFu) << 16));
+    const unsigned int e = ((unsigned int)bits >> 10) & 0x1Fu, m = (unsigned int)bits & 0x3FFu;
+    if (e == 0) return (double)m * (1.0 / 16777216.0);  // subnormal: m * 2^-24
+    if (e == 31) return m ? __longlong_as_double(0x7FF8000000000000LL) : __longlong_as_double(0x7FF0000000000000LL);
+    return (double)__uint_as_float(((e + 112u) << 23) | (m << 13));
+}
+
+// NORM 0: sum |x|, 1: sum x^2, 2: max |x| (a NaN sticks, so the selection kernels refuse it).
+template <int NORM>
+__device__ __forceinline__ double sk_fold(double acc, double a) {
+    if (NORM == 0) return sk_dadd(acc, a);
+    if (NORM == 1) return sk_dadd(acc, sk_dmul(a, a));
+    return (a > acc || a != a) ? a : acc;
+}
+
+template <int NORM>
+__device__ __forceinline__ double sk_combine(double a, double b) {
+    if (NORM == 2) return (b > a || b != b) ? b : a;
+    return sk_dadd(a, b);
+}
+
+// One norm per (bh x bw) block of a row-major rows x cols matrix, in the Rust core's order: for each
+// block row in turn, lane j % 4 folds its elements in index order, the lanes combine as
+// (l0 + l1) + (l2 + l3), and the row adds to the running score. One thread per block, grid-stride.
+template <typename Bits, int FORMAT, int NORM>
+__global__ void block_norms(const Bits* __restrict__ x, long long rows, long long cols, int bh, int bw,
+                            double* __restrict__ scores) {
+    const long long block_cols = cols / bw;
+    const long long blocks = (rows / bh) * block_cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x; b < blocks; b += stride) {
+        const long long br = b / block_cols;
+        const Bits* base = x + br * bh * cols + (b - br * block_cols) * bw;
+        double score = 0.0;
+        for (int r = 0; r < bh; ++r) {
+            const Bits* row = base + (long long)r * cols;
+            double l0 = 0.0, l1 = 0.0, l2 = 0.0, l3 = 0.0;
+            int j = 0;
+            for (; j + 4 <= bw; j += 4) {
+                l0 = sk_fold<NORM>(l0, sk_magnitude<FORMAT>(row[j]));
+                l1 = sk_fold<NORM>(l1, sk_magnitude<FORMAT>(row[j + 1]));
+                l2 = sk_fold<NORM>(l2, sk_magnitude<FORMAT>(row[j + 2]));
+                l3 = sk_fold<NORM>(l3, sk_magnitude<FORMAT>(row[j + 3]));
+            }
+            if (j < bw) l0 = sk_fold<NORM>(l0, sk_magnitude<FORMAT>(row[j]));
+            if (j + 1 < bw) l1 = sk_fold<NORM>(l1, sk_magnitude<FORMAT>(row[j + 1]));
+            if (j + 2 < bw) l2 = sk_fold<NORM>(l2, sk_magnitude<FORMAT>(row[j + 2]));
+            score = sk_combine<NORM>(score, sk_combine<NORM>(sk_combine<NORM>(l0, l1), sk_combine<NORM>(l2, l3)));
+        }
+        scores[b] = score;
+    }
+}

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ._cuda import compile_options, get_function, import_cupy, kernel_source
+from ._cuda import UNSIGNED_TYPES as _UNSIGNED
+from ._cuda import Backend, CupyBackend, SimBackend, backend_for
 
 RADIX_BITS = 11  # widest digit of a radix pass (SK_RADIX_BITS in common.cuh)
 CHUNK = 4096  # elements of one tensor per block-step (SK_CHUNK in common.cuh)
@@ -47,103 +48,27 @@ FORMATS = {
     torch.float16: KeyFormat(16, "unsigned short", 0x7C00, torch.int16),
     torch.bfloat16: KeyFormat(16, "unsigned short", 0x7F80, torch.int16),
 }
-_UNSIGNED = {"unsigned int": (np.uint32, torch.uint32), "unsigned long long": (np.uint64, torch.uint64),
-             "unsigned short": (np.uint16, torch.uint16)}  # fmt: skip
 _KERNELS = ("radix_hist", "mask_at_least", "mask_trim_equal", "nm_mask")  # templates; radix_pick is extern "C"
+# Block norms: the raw-bits type, the format (0 f32, 1 f64, 2 f16, 3 bf16) and the norm (0 l1, 1 l2, 2 max).
+_NORM_FORMATS = {torch.float32: ("unsigned int", 0), torch.float64: ("unsigned long long", 1),
+                 torch.float16: ("unsigned short", 2), torch.bfloat16: ("unsigned short", 3)}  # fmt: skip
+_NORMS = {"l1": 0, "l2": 1, "max": 2}
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     f"{kernel}<{ctype}, {by_value}>" for kernel in _KERNELS for ctype in _UNSIGNED for by_value in (0, 1)
-)
+) + tuple(f"block_norms<{ctype}, {fmt}, {norm}>" for ctype, fmt in _NORM_FORMATS.values() for norm in _NORMS.values())
 
 
 def _kernel_name(kernel: str, fmt: KeyFormat, by: str) -> str:
     return f"{kernel}<{fmt.ctype}, {int(by == 'value')}>"
 
 
-class Backend(Protocol):
-    def bits(self, t: torch.Tensor, ctype: str) -> Any:
-        """``t`` (1-D, contiguous) as an array of the unsigned C type ``ctype``, zero-copy."""
-
-    def plain(self, t: torch.Tensor) -> Any:
-        """``t`` as a kernel argument of its own dtype (bool, int64)."""
-
-    def launch(self, name: str, grid: int, block: int, args: tuple[Any, ...]) -> None: ...
-
-
-class _DeviceArg:
-    """A tensor waiting to be handed to cupy by DLPack, viewed as ``np_type`` if given."""
-
-    __slots__ = ("np_type", "tensor")
-
-    def __init__(self, tensor: torch.Tensor, np_type: Any = None) -> None:
-        self.tensor, self.np_type = tensor, np_type
-
-
-_SIGNED_OF = {np.uint16: torch.int16, np.uint32: torch.int32, np.uint64: torch.int64}
-
-
-class CupyBackend:
-    """Kernels compiled by ``cupy.RawModule`` for the tensors' device, launched on torch's current
-    stream of that device under a cupy device guard.
-
-    Tensors cross by DLPack, zero-copy. The exchange happens inside the launch's stream context, so
-    producer (torch's current stream) and consumer are the same stream and no cross-stream event is
-    needed. Unsigned views go through the signed dtype of the same width (torch's DLPack export of
-    uint32/uint64 is limited) and are reinterpreted by cupy. The pointer table of a many-tensor
-    selection necessarily holds raw device addresses; every tensor it names is kept alive by the
-    launch code until the call's final host synchronisation. The argument types are checked by the CPU
-    shim (:class:`SimBackend`), which runs this same launch code."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cupy = import_cupy()
-        self.device = device
-        self.index = device.index if device.index is not None else torch.cuda.current_device()
-
-    def bits(self, t: torch.Tensor, ctype: str) -> Any:
-        return _DeviceArg(t, _UNSIGNED[ctype][0])
-
-    def plain(self, t: torch.Tensor) -> Any:
-        return _DeviceArg(t)
-
-    def _to_cupy(self, arg: Any) -> Any:
-        if not isinstance(arg, _DeviceArg):
-            return arg
-        if arg.np_type is None:
-            return self.cupy.from_dlpack(arg.tensor)
-        return self.cupy.from_dlpack(arg.tensor.view(_SIGNED_OF[arg.np_type])).view(arg.np_type)
-
-    def launch(self, name: str, grid: int, block: int, args: tuple[Any, ...]) -> None:
-        kernel = get_function("select", NAME_EXPRESSIONS, self.index, name)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        with self.cupy.cuda.Device(self.index), self.cupy.cuda.ExternalStream(stream):
-            kernel((grid,), (block,), tuple(self._to_cupy(a) for a in args))
-
-
-class SimBackend:
-    """The same kernels on the CPU through the fiber shim (tests): tensors are CPU tensors."""
-
-    def __init__(self, schedule: str = "forward", seed: int = 0, threads: int | None = None) -> None:
-        from ._cudasim import SimRawModule
-
-        self.module = SimRawModule(
-            kernel_source("select"), compile_options(), NAME_EXPRESSIONS, schedule=schedule, seed=seed, threads=threads
-        )
-
-    def bits(self, t: torch.Tensor, ctype: str) -> Any:
-        return t.view(_UNSIGNED[ctype][1])
-
-    def plain(self, t: torch.Tensor) -> Any:
-        return t
-
-    def launch(self, name: str, grid: int, block: int, args: tuple[Any, ...]) -> None:
-        self.module.get_function(name)((grid,), (block,), args)
-
-
-def sim_backend(schedule: str = "forward", seed: int = 0, threads: int | None = None) -> SimBackend:
-    return SimBackend(schedule, seed, threads)
+def sim_backend(schedule: str = "forward", seed: int = 0, threads: int | None = None, race_check: bool = False) -> SimBackend:
+    """The selection kernels on the CPU shim (tests)."""
+    return SimBackend("select", NAME_EXPRESSIONS, schedule, seed, threads, race_check)
 
 
 def _backend(t: torch.Tensor, backend: Backend | None) -> Backend:
-    return backend if backend is not None else CupyBackend(t.device)
+    return backend_for("select", NAME_EXPRESSIONS, t, backend)
 
 
 def _grid(n: int, per_block: int, cap: int) -> int:
@@ -184,7 +109,7 @@ class _Table:
         words[state0 + 1 : state0 + r * STATE_WORDS : STATE_WORDS] = ranks  # SK_REMAINING of each rank
         self.chunks = int(chunk_start[-1])
         self.count = t
-        self.words = torch.from_numpy(words).to(xs[0].device)
+        self.words = be.upload(words)
         self.xs = be.bits(self.words[:t], "unsigned long long")
         self.outs = be.bits(self.words[t : 2 * t], "unsigned long long")
         self.lens = be.plain(self.words[2 * t : 3 * t])
@@ -228,18 +153,27 @@ def _select(be: Backend, tab: _Table, fmt: KeyFormat, by: str, ranks: Sequence[i
     return tab.states[: len(ranks)]
 
 
-def topk_masks(tensors: list[torch.Tensor], k: int, by: str, *, backend: Backend | None = None) -> list[torch.Tensor]:
-    """One exact top-k across ``tensors`` (same semantics as the CPU path); bool masks on their device.
+def topk_masks(
+    tensors: list[torch.Tensor], k: int, by: str, *, out: list[torch.Tensor] | None = None, backend: Backend | None = None
+) -> list[torch.Tensor]:
+    """One exact top-k across ``tensors`` (same semantics as the CPU path); bool masks on their device,
+    written into ``out`` (contiguous bool tensors shaped like the inputs) when given.
 
     Launches: one ``radix_hist`` + ``radix_pick`` per pass (2/3/6 passes for 16/32/64-bit keys), one
     ``mask_at_least``, one ``mask_trim_equal`` (returns at once in chunks without a partly kept tie),
     and a single host synchronisation at the end (the NaN count)."""
     flat = [t.reshape(-1) for t in tensors]
     total = sum(x.numel() for x in flat)
+    if out is not None:
+        masks = out
+        if k == 0:
+            for m in masks:
+                m.zero_()
+    else:
+        alloc = torch.empty if k > 0 else torch.zeros  # mask_at_least writes every element
+        masks = [alloc(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
     if total == 0:
-        return [torch.zeros(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
-    alloc = torch.empty if k > 0 else torch.zeros  # mask_at_least writes every element
-    masks = [alloc(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
+        return masks
     be = _backend(flat[0], backend)
     fmt = FORMATS[flat[0].dtype]
     device = flat[0].device
@@ -257,39 +191,50 @@ def topk_masks(tensors: list[torch.Tensor], k: int, by: str, *, backend: Backend
             tab.xs, tab.outs, tab.lens, tab.chunk_start, np.int32(tab.count), state, np.int64(k),
             be.bits(counts, "unsigned long long"), be.plain(before),
         ))  # fmt: skip
-    if int(tab.nan.item()):
+    if int(be.read(tab.nan)[0]):
         raise ValueError(_NAN_MESSAGE)
     return masks
 
 
-def _value_of_key(key: int, fmt: KeyFormat, dtype: torch.dtype, by: str) -> float:
-    sign = 1 << (fmt.bits - 1)
-    full = (1 << fmt.bits) - 1
-    bits = key if by == "abs" else (key & ~sign if key & sign else ~key & full)
-    signed = bits - (1 << fmt.bits) if bits & sign else bits
-    return float(torch.tensor([signed], dtype=fmt.bits_dtype).view(dtype).item())
+def values_of_keys(keys: torch.Tensor, fmt: KeyFormat, dtype: torch.dtype, by: str) -> torch.Tensor:
+    """Map int64 words holding order-preserving keys back to the scores they rank (``|x|`` for
+    ``by="abs"``, ``-0.0`` kept for ``by="value"``), on the keys' device with torch integer ops (no sync)."""
+    sign = -(1 << 63) if fmt.bits == 64 else 1 << (fmt.bits - 1)
+    full = -1 if fmt.bits == 64 else (1 << fmt.bits) - 1
+    if by == "abs":
+        bits = keys
+    else:
+        bits = torch.where((keys & sign) != 0, keys & ~sign, ~keys & full)
+    if fmt.bits < 64:  # unsigned pattern -> the signed integer of the same width, then reinterpret
+        bits = torch.where((bits & sign) != 0, bits - (1 << fmt.bits), bits).to(fmt.bits_dtype)
+    return bits.view(dtype)
 
 
-def kth_values(x: torch.Tensor, ranks: list[int], by: str, *, backend: Backend | None = None) -> list[float]:
-    """For each 1-based rank, the value of the rank-th largest score (``|x|`` for ``by="abs"``).
+def kth_values(x: torch.Tensor, ranks: list[int], by: str, *, backend: Backend | None = None) -> torch.Tensor:
+    """For each 1-based rank, the rank-th largest score (``|x|`` for ``by="abs"``): a 1-D tensor of
+    ``x``'s dtype on its device.
 
-    All ranks share the first radix pass; one host synchronisation reads every key back."""
+    All ranks share the first radix pass; the values never leave the device, and the one host
+    synchronisation is the NaN count."""
     flat = x.reshape(-1)
-    if flat.numel() == 0:
-        return []  # ranks must be empty (1 <= rank <= n)
+    if flat.numel() == 0 or not ranks:
+        return torch.empty(0, dtype=x.dtype, device=x.device)  # ranks must be empty (1 <= rank <= n)
     be = _backend(flat, backend)
     fmt = FORMATS[flat.dtype]
     tab = _Table(be, [flat], None, ranks)
     states = _select(be, tab, fmt, by, ranks)
-    words = torch.cat([tab.nan, states[:, 0]]).tolist()
-    if words[0]:
+    values = values_of_keys(states[:, 0].clone(), fmt, flat.dtype, by)
+    if int(be.read(tab.nan)[0]):
         raise ValueError(_NAN_MESSAGE)
-    return [_value_of_key(w & 0xFFFF_FFFF_FFFF_FFFF, fmt, flat.dtype, by) for w in words[1:]]
+    return values
 
 
-def nm_mask(x: torch.Tensor, n: int, m: int, dim: int, by: str, *, backend: Backend | None = None) -> torch.Tensor:
-    """N:M mask along ``dim`` of a contiguous ``x`` (same semantics as the CPU path)."""
-    out = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+def nm_mask(
+    x: torch.Tensor, n: int, m: int, dim: int, by: str, *, out: torch.Tensor | None = None, backend: Backend | None = None
+) -> torch.Tensor:
+    """N:M mask along ``dim`` of a contiguous ``x`` (same semantics as the CPU path); the kernel writes
+    every element of ``out`` (allocated if not given)."""
+    out = out if out is not None else torch.empty(x.shape, dtype=torch.bool, device=x.device)
     length = x.shape[dim]
     inner = math.prod(x.shape[dim + 1 :])
     groups = x.numel() // m
@@ -302,9 +247,36 @@ def nm_mask(x: torch.Tensor, n: int, m: int, dim: int, by: str, *, backend: Back
         be.bits(x.reshape(-1), fmt.ctype), be.plain(out.view(-1)), np.int64(groups), np.int64(length), np.int64(inner),
         np.int32(n), np.int32(m), _UNSIGNED[fmt.ctype][0](fmt.nan_abs), be.bits(nan, "unsigned int"),
     ))  # fmt: skip
-    if int(nan.item()):
+    if int(be.read(nan)[0]):
         raise ValueError(_NAN_MESSAGE)
     return out
 
 
-__all__ = ["CupyBackend", "SimBackend", "kth_values", "nm_mask", "sim_backend", "topk_masks"]
+def block_topk_mask(
+    x: torch.Tensor, block: tuple[int, int], k: int, norm: str, *, out: torch.Tensor | None = None,
+    backend: Backend | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Block top-k of a contiguous 2-D ``x``: ``block_norms`` computes every block's float64 norm in the
+    Rust core's summation order (so both paths choose the same blocks), then the selection kernels keep
+    the ``k`` largest by value. A NaN makes its block's norm NaN, which the selection refuses.
+
+    Returns ``(element mask, block mask)``; the element mask is written into ``out`` when given."""
+    (bh, bw), (rows, cols) = block, x.shape
+    grid = (rows // bh, cols // bw)
+    scores = torch.empty(grid, dtype=torch.float64, device=x.device)
+    if scores.numel():
+        be = _backend(x, backend)
+        ctype, fmt = _NORM_FORMATS[x.dtype]
+        be.launch(f"block_norms<{ctype}, {fmt}, {_NORMS[norm]}>", _grid(scores.numel(), THREADS, MAX_NM_GRID), THREADS, (
+            be.bits(x.reshape(-1), ctype), np.int64(rows), np.int64(cols), np.int32(bh), np.int32(bw),
+            be.plain(scores.view(-1)),
+        ))  # fmt: skip
+    else:
+        be = backend
+    block_mask = topk_masks([scores], k, "value", backend=be)[0]
+    mask = out if out is not None else torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    mask.view(grid[0], bh, grid[1], bw).copy_(block_mask[:, None, :, None].expand(grid[0], bh, grid[1], bw))
+    return mask, block_mask
+
+
+__all__ = ["block_topk_mask", "kth_values", "nm_mask", "sim_backend", "topk_masks", "values_of_keys"]

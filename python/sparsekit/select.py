@@ -23,7 +23,7 @@ from typing import Literal, Sequence, overload
 import numpy as np
 import torch
 
-from . import _core
+from . import _core, _cuda
 
 __all__ = [
     "kth_largest",
@@ -70,14 +70,15 @@ def _check_int(value: object, arg: str) -> int:
     return int(value)
 
 
-def _resolve_k(k: object, density: object, n: int) -> int:
-    """Turn ``k`` or ``density`` (exactly one) into a count in ``[0, n]``; density rounds to nearest."""
+def _resolve_k(k: object, density: object, n: int, what: str = "elements") -> int:
+    """Turn ``k`` or ``density`` (exactly one) into a count in ``[0, n]``; density rounds to nearest.
+    ``what`` names the counted things in errors (elements, blocks)."""
     if (k is None) == (density is None):
         raise ValueError("pass exactly one of k or density")
     if k is not None:
         k = _check_int(k, "k")
         if not 0 <= k <= n:
-            raise ValueError(f"k must be in [0, {n}] (number of elements), got {k}")
+            raise ValueError(f"k must be in [0, {n}] (number of {what}), got {k}")
         return k
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"density must be a float, got {type(density).__name__}")
@@ -100,6 +101,8 @@ def _flat_bits(x: torch.Tensor) -> np.ndarray:
     float16/bfloat16 cross as int16 views of their bits: numpy has no bfloat16, and nothing is upcast.
     """
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
+    if flat.data_ptr() % flat.element_size():  # e.g. torch.frombuffer(..., offset=1): numpy needs alignment
+        flat = flat.clone()
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.view(torch.int16)
     return flat.numpy()
@@ -111,6 +114,26 @@ def _cuda_select():
     return module
 
 
+def _on_device(x: torch.Tensor) -> bool:
+    """CUDA tensors, and CPU tensors inside ``sparsekit.testing.simulated_cuda()``, take the kernels."""
+    return x.device.type == "cuda" or (x.device.type == "cpu" and _cuda.ACTIVE_SIMULATION.get() is not None)
+
+
+def _check_out(out: object, like: torch.Tensor, arg: str) -> torch.Tensor:
+    """A caller's mask buffer: a contiguous bool tensor shaped and placed like ``like``."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != torch.bool:
+        raise TypeError(f"{arg} must have dtype torch.bool, got {out.dtype}")
+    if out.shape != like.shape:
+        raise ValueError(f"{arg} has shape {tuple(out.shape)}, expected {tuple(like.shape)}")
+    if out.device != like.device:
+        raise ValueError(f"{arg} is on {out.device}, expected {like.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{arg} must be contiguous")
+    return out
+
+
 # ------------------------------------------------------------------------------------------- masks
 def global_topk_masks(
     tensors: Sequence[torch.Tensor],
@@ -118,6 +141,7 @@ def global_topk_masks(
     k: int | None = None,
     density: float | None = None,
     by: ScoreOrder = "abs",
+    out: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """One exact top-k across many tensors, without concatenating or copying them.
 
@@ -126,6 +150,8 @@ def global_topk_masks(
         k: number of elements to keep in total, in ``[0, total]``.
         density: alternatively, the kept fraction in ``[0, 1]``; ``k = floor(density * total + 0.5)``.
         by: ``"abs"`` (default) ranks by magnitude, ``"value"`` by signed value.
+        out: optional bool tensors (one per tensor, same shapes and device, contiguous) to write the masks
+            into, so a training loop can reuse its buffers; they are returned.
 
     Returns:
         One ``torch.bool`` mask per tensor, shaped like it and on its device, with exactly ``k`` True
@@ -134,7 +160,7 @@ def global_topk_masks(
 
     Raises:
         TypeError: a non-tensor, unsupported dtype, or mixed dtypes.
-        ValueError: NaN scores, k/density out of range, mixed devices, bad ``by``.
+        ValueError: NaN scores (naming ``tensors[i]``), k/density out of range, mixed devices, bad ``by``.
     """
     if isinstance(tensors, torch.Tensor):
         raise TypeError("tensors must be a sequence of tensors; for one tensor use topk_mask")
@@ -143,18 +169,36 @@ def global_topk_masks(
     dtypes = {t.dtype for t in xs}
     if len(dtypes) > 1:
         raise TypeError(f"tensors must share one dtype, got {sorted(map(str, dtypes))}")
-    device = _common_device(xs, "tensors")
+    _common_device(xs, "tensors")
     n = sum(t.numel() for t in xs)
     kk = _resolve_k(k, density, n)
+    outs = None
+    if out is not None:
+        if isinstance(out, torch.Tensor) or len(out) != len(xs):
+            raise ValueError(f"out must be a sequence of {len(xs)} bool tensors, one per tensor")
+        outs = [_check_out(o, x, f"out[{i}]") for i, (o, x) in enumerate(zip(out, xs))]
     if not xs:
         return []
-    if device.type == "cuda":
-        return _cuda_select().topk_masks([t.contiguous() for t in xs], kk, by)
-    masks = [torch.empty(t.shape, dtype=torch.bool) for t in xs]
-    _core.topk_masks(
-        [_flat_bits(t) for t in xs], [m.view(-1).numpy() for m in masks], _DTYPE_TAGS[xs[0].dtype], kk, by
-    )
+    try:
+        if _on_device(xs[0]):
+            return _cuda_select().topk_masks([t.contiguous() for t in xs], kk, by, out=outs)
+        masks = outs if outs is not None else [torch.empty(t.shape, dtype=torch.bool) for t in xs]
+        _core.topk_masks(
+            [_flat_bits(t) for t in xs], [m.view(-1).numpy() for m in masks], _DTYPE_TAGS[xs[0].dtype], kk, by
+        )
+    except ValueError as exc:
+        raise _name_nan_tensor(exc, xs) from None
     return masks
+
+
+def _name_nan_tensor(exc: ValueError, xs: list[torch.Tensor]) -> ValueError:
+    """Rewrite a NaN error of a many-tensor call so it names the first tensor holding a NaN."""
+    if "NaN" not in str(exc) or len(xs) == 1:
+        return exc
+    first = next((i for i, t in enumerate(xs) if bool(t.isnan().any())), None)
+    if first is None:
+        return exc
+    return ValueError(f"tensors[{first}] contains NaN; NaN scores cannot be ranked (replace them, e.g. with torch.nan_to_num)")
 
 
 def topk_mask(
@@ -163,23 +207,28 @@ def topk_mask(
     *,
     density: float | None = None,
     by: ScoreOrder = "abs",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask of the ``k`` largest scores of ``x`` (exactly ``k`` True).
 
     Ties are broken by the lowest flat index, so the result equals keeping the first ``k`` entries of
-    a stable descending sort. Pass ``density`` instead of ``k`` to keep a fraction.
+    a stable descending sort. Pass ``density`` instead of ``k`` to keep a fraction, and ``out`` (a
+    contiguous bool tensor shaped like ``x``) to write into an existing buffer.
 
     Raises:
-        TypeError: ``x`` not a float tensor of a supported dtype, ``k`` not an int.
+        TypeError: ``x`` not a float tensor of a supported dtype, ``k`` not an int, ``out`` not bool.
         ValueError: NaN in ``x``, ``k`` outside ``[0, x.numel()]``, density outside ``[0, 1]``.
     """
     x = _check_tensor(x, "x")
-    return global_topk_masks([x], k=k, density=density, by=by)[0]
+    return global_topk_masks([x], k=k, density=density, by=by, out=None if out is None else [out])[0]
 
 
-def nm_mask(x: torch.Tensor, n: int, m: int, *, dim: int = -1, by: ScoreOrder = "abs") -> torch.Tensor:
+def nm_mask(
+    x: torch.Tensor, n: int, m: int, *, dim: int = -1, by: ScoreOrder = "abs", out: torch.Tensor | None = None
+) -> torch.Tensor:
     """N:M semi-structured mask: in each group of ``m`` consecutive elements along ``dim`` keep the
-    ``n`` largest scores (2:4 for sparse tensor cores), ties to the lower index.
+    ``n`` largest scores (2:4 for sparse tensor cores), ties to the lower index. ``out``: an optional
+    contiguous bool tensor shaped like ``x`` to write into.
 
     Raises:
         ValueError: ``n`` outside ``[0, m]``, ``m < 1``, ``m`` not dividing ``x.shape[dim]``, NaN, bad dim.
@@ -199,10 +248,11 @@ def nm_mask(x: torch.Tensor, n: int, m: int, *, dim: int = -1, by: ScoreOrder = 
     length = x.shape[dim]
     if length % m:
         raise ValueError(f"m={m} does not divide x.shape[{dim}]={length}")
-    if x.device.type == "cuda":
-        return _cuda_select().nm_mask(x.contiguous(), n, m, dim, by)
+    mask = _check_out(out, x, "out") if out is not None else None
+    if _on_device(x):
+        return _cuda_select().nm_mask(x.contiguous(), n, m, dim, by, out=mask)
     inner = math.prod(x.shape[dim + 1 :])
-    mask = torch.empty(x.shape, dtype=torch.bool)
+    mask = mask if mask is not None else torch.empty(x.shape, dtype=torch.bool)
     _core.nm_mask(_flat_bits(x), mask.view(-1).numpy(), _DTYPE_TAGS[x.dtype], length, inner, n, m, by)
     return mask
 
@@ -216,6 +266,7 @@ def block_topk_mask(
     density: float | None = ...,
     norm: BlockNorm = ...,
     return_block_mask: Literal[False] = ...,
+    out: torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def block_topk_mask(
@@ -226,6 +277,7 @@ def block_topk_mask(
     density: float | None = ...,
     norm: BlockNorm = ...,
     return_block_mask: Literal[True],
+    out: torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def block_topk_mask(
     x: torch.Tensor,
@@ -235,12 +287,16 @@ def block_topk_mask(
     density: float | None = None,
     norm: BlockNorm = "l2",
     return_block_mask: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Keep the ``k`` blocks (or a ``density`` fraction of blocks) of highest norm in a 2-D ``x``.
 
     Blocks are ``block = (bh, bw)`` tiles, which must divide ``x.shape``. ``norm`` is ``"l1"``,
     ``"l2"`` (ranked by the sum of squares, same order) or ``"max"`` (largest ``|x|``), accumulated in
-    float64. Equal norms are broken by the lower row-major block index. ``k`` counts blocks.
+    float64 in one fixed order on CPU and CUDA alike (per block row, lane ``j % 4`` sums its elements in
+    index order, lanes combine as ``(l0 + l1) + (l2 + l3)``, rows add up in order), so both paths pick
+    the same blocks. Equal norms are broken by the lower row-major block index. ``k`` counts blocks.
+    ``out``: an optional contiguous bool tensor shaped like ``x`` for the element mask.
 
     Returns:
         The element mask (shape of ``x``); with ``return_block_mask=True`` also the
@@ -260,11 +316,12 @@ def block_topk_mask(
     if norm not in ("l1", "l2", "max"):
         raise ValueError(f"norm must be 'l1', 'l2' or 'max', got {norm!r}")
     grid = (rows // bh, cols // bw)
-    kk = _resolve_k(k, density, grid[0] * grid[1])
-    if x.device.type == "cuda":
-        mask, block_mask = _block_topk_on_device(x, (bh, bw), kk, norm)
+    kk = _resolve_k(k, density, grid[0] * grid[1], what="blocks")
+    mask = _check_out(out, x, "out") if out is not None else None
+    if _on_device(x):
+        mask, block_mask = _cuda_select().block_topk_mask(x.contiguous(), (bh, bw), kk, norm, out=mask)
     else:
-        mask = torch.empty(x.shape, dtype=torch.bool)
+        mask = mask if mask is not None else torch.empty(x.shape, dtype=torch.bool)
         block_mask = torch.empty(grid, dtype=torch.bool)
         _core.block_topk_mask(
             _flat_bits(x),
@@ -279,31 +336,18 @@ def block_topk_mask(
     return (mask, block_mask) if return_block_mask else mask
 
 
-def _block_topk_on_device(
-    x: torch.Tensor, block: tuple[int, int], k: int, norm: str, backend: object = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block top-k for CUDA tensors: float64 block norms by torch on the device, then the selection
-    kernels over the norms (``backend`` lets tests run the kernels on the CPU shim). A NaN in ``x``
-    makes its block's norm NaN (sum and amax propagate it), which the kernels refuse."""
-    (bh, bw), (rows, cols) = block, x.shape
-    tiles = x.reshape(rows // bh, bh, cols // bw, bw).abs().to(torch.float64)
-    if norm == "max":
-        scores = tiles.amax(dim=(1, 3))
-    else:
-        scores = (tiles if norm == "l1" else tiles * tiles).sum(dim=(1, 3))
-    block_mask = _cuda_select().topk_masks([scores.contiguous()], k, "value", backend=backend)[0]
-    return block_mask.repeat_interleave(bh, 0).repeat_interleave(bw, 1), block_mask
-
-
 # ------------------------------------------------------------------------------ order statistics
-def _kth_values(x: torch.Tensor, ranks: list[int], by: str) -> list[float]:
-    if x.device.type == "cuda":
-        return list(_cuda_select().kth_values(x.contiguous(), ranks, by))
-    return list(_core.kth_values([_flat_bits(x)], _DTYPE_TAGS[x.dtype], ranks, by))
+def _kth_values(x: torch.Tensor, ranks: list[int], by: str) -> torch.Tensor:
+    """The rank-th largest scores as a 1-D tensor of ``x``'s dtype on ``x``'s device."""
+    if _on_device(x):
+        return _cuda_select().kth_values(x.contiguous(), ranks, by)
+    values = _core.kth_values([_flat_bits(x)], _DTYPE_TAGS[x.dtype], ranks, by)
+    return torch.tensor(values, dtype=torch.float64).to(x.dtype)  # exact: every value is one of x's
 
 
-def kth_largest(x: torch.Tensor, k: int, *, by: ScoreOrder = "value") -> float:
-    """Value of the ``k``-th largest element (1-based), as ``torch.topk(x.flatten(), k).values[-1]``.
+def kth_largest(x: torch.Tensor, k: int, *, by: ScoreOrder = "value") -> torch.Tensor:
+    """The ``k``-th largest element (1-based), as ``torch.topk(x.flatten(), k).values[-1]``: a 0-d
+    tensor of ``x``'s dtype on ``x``'s device (on CUDA the value never leaves the device).
 
     With ``by="abs"`` returns the ``k``-th largest magnitude. Works on any size.
 
@@ -319,28 +363,43 @@ def kth_largest(x: torch.Tensor, k: int, *, by: ScoreOrder = "value") -> float:
     return _kth_values(x, [k], by)[0]
 
 
-@overload
-def quantile(x: torch.Tensor, q: float, interpolation: Interpolation = ...) -> float: ...
-@overload
-def quantile(x: torch.Tensor, q: torch.Tensor, interpolation: Interpolation = ...) -> torch.Tensor: ...
-def quantile(
-    x: torch.Tensor, q: float | torch.Tensor, interpolation: Interpolation = "linear"
-) -> float | torch.Tensor:
-    """Quantile(s) of all elements of ``x``, exactly as ``torch.quantile(x.flatten(), q, interpolation=...)``.
+def _check_levels(q: object, work: torch.dtype) -> torch.Tensor:
+    """``q`` as a 1-D CPU tensor of levels in ``work``'s dtype, range-checked before any rounding (as
+    torch does: ``1.00000001`` is refused, not rounded to 1)."""
+    if isinstance(q, torch.Tensor):
+        if q.dim() > 1 or not q.is_floating_point():
+            raise ValueError(f"q must be a float or a 0-/1-D float tensor, got {q.dtype} of shape {tuple(q.shape)}")
+        exact = q.detach().to("cpu").reshape(-1)
+        bad = exact.isnan() | (exact < 0) | (exact > 1)
+        if bad.any():
+            raise ValueError(f"q values must be in [0, 1], got {exact[bad][0].item()!r}")
+        return exact.to(work)
+    if isinstance(q, numbers.Real) and not isinstance(q, bool):
+        value = float(q)
+        if not 0.0 <= value <= 1.0:  # also NaN
+            raise ValueError(f"q must be in [0, 1], got {value!r}")
+        return torch.tensor([value], dtype=work)
+    raise TypeError(f"q must be a float or a tensor, got {type(q).__name__}")
+
+
+def quantile(x: torch.Tensor, q: float | torch.Tensor, interpolation: Interpolation = "linear") -> torch.Tensor:
+    """Quantile(s) of all elements of ``x``, as ``torch.quantile(x.flatten(), q, interpolation=...)``.
 
     Only the one or two order statistics each level needs are selected (no sort), so it works on any
-    size (older ``torch.quantile`` releases refuse more than 2**24 elements). The arithmetic is torch's own recipe:
-    ``q`` rounded to the input dtype, ranks in float64, interpolation weights and ``lerp`` in the input
-    dtype, so float32/float64 results match ``torch.quantile`` bit for bit. float16/bfloat16 inputs
-    (which ``torch.quantile`` refuses) interpolate in float32.
+    size. The arithmetic is torch's own recipe: ``q`` range-checked, then rounded to the input dtype,
+    ranks in float64, interpolation weights and ``lerp`` in the input dtype, so float32/float64 results
+    match ``torch.quantile`` bit for bit, with one exception: a zero result may carry the other sign than
+    torch's. (Our order statistics rank ``-0.0`` just below ``+0.0``; ``torch.quantile`` sorts them as
+    equal, so its sign of a zero depends on where the signed zeros sit in the input. The values compare
+    equal.) float16/bfloat16 inputs (which ``torch.quantile`` refuses) interpolate in float32.
 
     Args:
         q: a float in ``[0, 1]`` or a 0-/1-D float tensor of levels.
         interpolation: ``"linear"``, ``"lower"``, ``"higher"``, ``"midpoint"`` or ``"nearest"``.
 
     Returns:
-        A float for a float ``q``; for a tensor ``q``, a tensor of ``q``'s shape, dtype of ``x``, on
-        ``x``'s device.
+        A tensor of ``x``'s dtype on ``x``'s device: 0-d for a float ``q``, ``q``'s shape for a tensor
+        ``q`` (on CUDA the values never leave the device).
     """
     x = _check_tensor(x, "x")
     if interpolation not in _INTERPOLATIONS:
@@ -349,16 +408,7 @@ def quantile(
     if n == 0:
         raise ValueError("quantile of an empty tensor is undefined")
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    if isinstance(q, torch.Tensor):
-        if q.dim() > 1 or not q.is_floating_point():
-            raise ValueError(f"q must be a float or a 0-/1-D float tensor, got {q.dtype} of shape {tuple(q.shape)}")
-        levels = q.detach().to("cpu", work).reshape(-1)
-    elif isinstance(q, numbers.Real) and not isinstance(q, bool):
-        levels = torch.tensor([float(q)], dtype=work)
-    else:
-        raise TypeError(f"q must be a float or a tensor, got {type(q).__name__}")
-    if levels.isnan().any() or (levels < 0).any() or (levels > 1).any():
-        raise ValueError("q values must be in [0, 1]")
+    levels = _check_levels(q, work)
 
     # torch's recipe (aten quantile): ranks in float64, gather the order statistics, lerp.
     ranks = levels.double() * (n - 1)
@@ -371,13 +421,12 @@ def quantile(
     below = ranks.long()
     above = ranks.ceil().long()
     positions = sorted(set(below.tolist()) | set(above.tolist()))
-    values = _kth_values(x, [n - p for p in positions], "value")  # ascending position p = (n-p)-th largest
-    lookup = dict(zip(positions, values))
-    values_below = torch.tensor([lookup[p] for p in below.tolist()], dtype=work)
+    values = _kth_values(x, [n - p for p in positions], "value").to(work)  # ascending position p = (n-p)-th largest
+    slot = {p: i for i, p in enumerate(positions)}
+    take = lambda idx: values[torch.tensor([slot[p] for p in idx.tolist()], device=values.device)]  # noqa: E731
+    result = take(below)
     if interpolation in ("linear", "midpoint"):
-        values_above = torch.tensor([lookup[p] for p in above.tolist()], dtype=work)
-        weights = torch.full_like(values_below, 0.5) if interpolation == "midpoint" else (ranks - below).to(work)
-        values_below = values_below.lerp(values_above, weights)
-    if isinstance(q, torch.Tensor):
-        return values_below.to(x.dtype).reshape(q.shape).to(x.device)
-    return float(values_below[0])
+        weights = torch.full_like(levels, 0.5) if interpolation == "midpoint" else (ranks - below).to(work)
+        result = result.lerp(take(above), weights.to(values.device))
+    shape = q.shape if isinstance(q, torch.Tensor) else ()
+    return result.to(x.dtype).reshape(shape)
