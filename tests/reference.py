@@ -59,3 +59,17 @@ def block_topk_mask(x: torch.Tensor, bh: int, bw: int, k: int, norm: str) -> tup
     scores = block_scores(x, bh, bw, norm)
     block_mask = global_topk_masks([scores], k, "value")[0]
     return block_mask.repeat_interleave(bh, 0).repeat_interleave(bw, 1), block_mask
+
+
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def same_tensor(got: torch.Tensor, want: torch.Tensor, *, zero_sign: bool = True) -> bool:
+    """Same dtype, shape and device, and the same bits (so NaN equals NaN and -0.0 differs from +0.0).
+    ``zero_sign=False`` lets zeros of either sign match (the documented ``quantile`` exception)."""
+    if not isinstance(got, torch.Tensor) or (got.dtype, got.shape, got.device) != (want.dtype, want.shape, want.device):
+        return False
+    same_bits = got.view(_INT_OF[got.dtype]) == want.view(_INT_OF[want.dtype])
+    if not zero_sign:
+        same_bits |= (got == 0) & (want == 0)
+    return bool(same_bits.all())

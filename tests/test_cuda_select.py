@@ -120,9 +120,13 @@ def ref_nm(x: torch.Tensor, n: int, m: int, dim: int, by: str) -> torch.Tensor:
     return mask.reshape(moved_shape).movedim(-1, dim)
 
 
-def same_floats(a: list[float], b: list[float]) -> bool:
-    """Equal including the sign of zero."""
-    return len(a) == len(b) and all(x == y and math.copysign(1, x) == math.copysign(1, y) for x, y in zip(a, b))
+def same_floats(got: torch.Tensor, want: list[float]) -> bool:
+    """A 1-D tensor equal to ``want`` including the sign of zero (values exact in the tensor's dtype)."""
+    assert isinstance(got, torch.Tensor) and got.dim() == 1
+    values = got.double().tolist()
+    return len(values) == len(want) and all(
+        x == y and math.copysign(1, x) == math.copysign(1, y) for x, y in zip(values, want)
+    )
 
 
 def check_masks(got: list[torch.Tensor], tensors: list[torch.Tensor], k: int, by: str) -> None:
@@ -211,7 +215,8 @@ def test_kth_values(backend, dtype, kind):
         got = cs.kth_values(x, ranks, by, backend=backend)
         assert same_floats(got, [ref_kth(x, r, by) for r in ranks]), (by, got)
         if HAVE_RUST:
-            assert same_floats(got, [sparsekit.kth_largest(x, r, by=by) for r in ranks])
+            assert same_floats(got, [float(sparsekit.kth_largest(x, r, by=by)) for r in ranks])
+        assert got.dtype == x.dtype
 
 
 @settings(max_examples=30)
@@ -300,8 +305,7 @@ def test_nan_is_refused(forward, dtype):
 
 @pytest.mark.parametrize("norm", ["l1", "l2", "max"])
 def test_block_topk_device_path_matches_cpu_path(forward, norm):
-    from sparsekit.select import _block_topk_on_device
-
+    _block_topk_on_device = cs.block_topk_mask
     gen = torch.Generator().manual_seed(7)
     x = torch.randint(-3, 4, (24, 32), generator=gen).float()  # small integers: exact norms, many ties
     for k in (0, 1, 10, 48):

@@ -217,13 +217,13 @@ def kth_values(x: torch.Tensor, ranks: list[int], by: str, *, backend: Backend |
     All ranks share the first radix pass; the values never leave the device, and the one host
     synchronisation is the NaN count."""
     flat = x.reshape(-1)
-    if flat.numel() == 0 or not ranks:
+    if flat.numel() == 0:
         return torch.empty(0, dtype=x.dtype, device=x.device)  # ranks must be empty (1 <= rank <= n)
     be = _backend(flat, backend)
     fmt = FORMATS[flat.dtype]
     tab = _Table(be, [flat], None, ranks)
     states = _select(be, tab, fmt, by, ranks)
-    values = values_of_keys(states[:, 0].clone(), fmt, flat.dtype, by)
+    values = values_of_keys(states[:, 0].clone(), fmt, flat.dtype, by)  # ranks=[]: a NaN scan only
     if int(be.read(tab.nan)[0]):
         raise ValueError(_NAN_MESSAGE)
     return values
