@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import sparsekit
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from reference import same_tensor
 
 X = torch.tensor([3.0, -1.0, 2.0, 0.5])
@@ -181,3 +184,85 @@ def test_core_rejects_what_slips_past_python():
         _core.block_topk_mask(x, np.zeros(4, dtype=bool), np.zeros(1, dtype=bool), "float32", (2, 2), (3, 2), 1, "l2")
     with pytest.raises(OverflowError):
         _core.topk_masks([x], [np.zeros(4, dtype=bool)], "float32", -1, "abs")
+
+
+U64 = st.integers(0, 2**64 - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(0, 64),
+    length=U64,
+    inner=U64,
+    n=U64,
+    m=U64,
+    shape=st.tuples(U64, U64),
+    block=st.tuples(U64, U64),
+    k=U64,
+    ranks=st.lists(U64, max_size=3),
+    stride=st.integers(1, 3),
+)
+def test_native_layer_never_panics_on_absurd_sizes(size, length, inner, n, m, shape, block, k, ranks, stride):
+    """Any size, shape, count or stride reaching the binding raises a ValueError/TypeError (or succeeds);
+    a PanicException (a BaseException, not an Exception) would escape this ``except Exception``."""
+    import numpy as np
+
+    from sparsekit import _core
+
+    x = np.arange(size * stride, dtype=np.float32)[::stride]
+    out = np.zeros(size * stride, dtype=bool)[::stride]
+    calls = [
+        lambda: _core.nm_mask(x, out, "float32", length, inner, n, m, "abs"),
+        lambda: _core.block_topk_mask(x, out, np.zeros(size, dtype=bool), "float32", shape, block, k, "l1"),
+        lambda: _core.topk_masks([x, x], [out, out], "float32", k, "value"),
+        lambda: _core.kth_values([x], "float32", ranks, "abs"),
+    ]
+    for call in calls:
+        try:
+            call()
+        except (ValueError, TypeError, OverflowError):
+            pass
+
+
+def test_set_num_threads_refuses_absurd_counts():
+    from sparsekit import _core
+
+    with pytest.raises(ValueError, match=r"\[0, 1024\]"):
+        sparsekit.set_num_threads(10**6)
+    with pytest.raises(ValueError, match="thread count"):
+        _core.set_num_threads(10**6)  # the native layer checks too
+    sparsekit.topk_mask(X, 1)  # the pool still works
+
+
+def test_misaligned_contiguous_tensor_is_copied():
+    data = bytearray(4 * 1001)
+    x = torch.frombuffer(data, dtype=torch.float32, offset=1, count=1000)
+    x.copy_(torch.randn(1000, generator=torch.Generator().manual_seed(2)))
+    assert x.is_contiguous() and x.data_ptr() % 4
+    aligned = x.clone()
+    assert torch.equal(sparsekit.topk_mask(x, 10), sparsekit.topk_mask(aligned, 10))
+    assert same_tensor(sparsekit.quantile(x, 0.3), sparsekit.quantile(aligned, 0.3))
+    assert torch.equal(sparsekit.nm_mask(x, 2, 4), sparsekit.nm_mask(aligned, 2, 4))
+
+
+def test_quantile_range_is_checked_before_rounding():
+    for q in (1.00000001, -1e-50):
+        with pytest.raises(ValueError, match=repr(q).replace(".", r"\.").replace("-", r"\-")):
+            sparsekit.quantile(X, q)
+        with pytest.raises(ValueError, match="q values must be in"):
+            sparsekit.quantile(X, torch.tensor([q], dtype=torch.float64))
+        with pytest.raises(RuntimeError):
+            torch.quantile(X, q)  # torch refuses them too
+
+
+def test_block_k_error_counts_blocks():
+    with pytest.raises(ValueError, match=r"k must be in \[0, 4\] \(number of blocks\)"):
+        sparsekit.block_topk_mask(torch.ones(4, 4), (2, 2), k=5)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4, dtype=torch.int8), torch.zeros(5, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)[::2]])
+def test_bad_out_buffers(bad):
+    with pytest.raises((TypeError, ValueError), match="out"):
+        sparsekit.topk_mask(X, 1, out=bad)
+    with pytest.raises((TypeError, ValueError), match="out"):
+        sparsekit.nm_mask(X, 1, 2, out=bad)

@@ -216,3 +216,21 @@ def test_block_topk_density_on_random_floats():
     mask = sparsekit.block_topk_mask(x, (8, 8), density=0.25)
     assert int(mask.sum()) == 24 * 64
     assert torch.equal(mask, ref_block(x, 8, 8, 24, "l2")[0])
+
+
+def test_out_buffers_are_written_and_returned():
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(9))
+    buf = torch.ones(16, 32, dtype=torch.bool)
+    assert sparsekit.topk_mask(x, 0, out=buf) is buf and not buf.any()
+    assert sparsekit.topk_mask(x, 50, out=buf) is buf and torch.equal(buf, ref_global([x], 50, "abs")[0])
+    assert sparsekit.nm_mask(x, 2, 4, out=buf) is buf and torch.equal(buf, ref_nm(x, 2, 4, -1, "abs"))
+    assert sparsekit.block_topk_mask(x, (4, 8), k=3, out=buf) is buf
+    assert torch.equal(buf, ref_block(x, 4, 8, 3, "l2")[0])
+    bufs = [torch.ones(16, 32, dtype=torch.bool), torch.zeros(7, dtype=torch.bool)]
+    y = torch.randn(7)
+    got = sparsekit.global_topk_masks([x, y], k=20, out=bufs)
+    assert got[0] is bufs[0] and got[1] is bufs[1]
+    want = ref_global([x, y], 20, "abs")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="out must be a sequence of 2"):
+        sparsekit.global_topk_masks([x, y], k=20, out=bufs[:1])

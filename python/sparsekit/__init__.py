@@ -9,8 +9,6 @@ variable (default: all cores) or :func:`set_num_threads`; it is rebuilt in forke
 (DataLoader workers), so forking is safe.
 """
 
-from __future__ import annotations
-
 from . import _core
 from .select import block_topk_mask, global_topk_masks, kth_largest, nm_mask, quantile, topk_mask
 
@@ -30,10 +28,15 @@ __all__ = [
 
 
 def set_num_threads(n: int) -> None:
-    """Set the Rust core's worker thread count; ``0`` restores the default (``SPARSEKIT_NUM_THREADS``
-    or the number of cores). Results never depend on it."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    """Set the Rust core's worker thread count, in ``[0, 1024]``; ``0`` restores the default
+    (``SPARSEKIT_NUM_THREADS``, capped at 1024, or the number of cores). Results never depend on it.
+
+    Raises:
+        ValueError: ``n`` not an int in ``[0, 1024]``. A pool the OS then cannot start raises
+        ``RuntimeError`` at the next parallel call.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= _core.MAX_THREADS:
+        raise ValueError(f"n must be an int in [0, {_core.MAX_THREADS}], got {n!r}")
     _core.set_num_threads(n)
 
 

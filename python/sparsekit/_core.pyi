@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 __all__ = [
     "__version__",
+    "MAX_THREADS",
     "topk_masks",
     "kth_values",
     "nm_mask",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 __version__: str
+MAX_THREADS: int
 
 def topk_masks(
     sources: Sequence[npt.NDArray[np.generic]],

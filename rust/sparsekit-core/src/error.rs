@@ -15,6 +15,8 @@ pub enum CoreError {
     LengthMismatch { arg: &'static str, expected: usize, got: usize },
     /// An argument has an invalid value (the message says which and why).
     Invalid { arg: &'static str, why: String },
+    /// The worker thread pool could not be built (the OS refused threads): not the caller's argument.
+    ThreadPool { why: String },
 }
 
 impl fmt::Display for CoreError {
@@ -29,6 +31,7 @@ impl fmt::Display for CoreError {
                 write!(f, "{arg} has {got} elements, expected {expected}")
             }
             CoreError::Invalid { arg, why } => write!(f, "invalid {arg}: {why}"),
+            CoreError::ThreadPool { why } => write!(f, "could not start sparsekit's worker threads: {why}"),
         }
     }
 }

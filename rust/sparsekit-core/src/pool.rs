@@ -1,6 +1,7 @@
 //! The thread pool all parallel work runs in.
 //!
-//! Sized by `SPARSEKIT_NUM_THREADS` (default: the number of available cores) or by [`set_num_threads`].
+//! Sized by `SPARSEKIT_NUM_THREADS` (default: the number of available cores) or by [`set_num_threads`],
+//! at most [`MAX_THREADS`]. A pool the OS cannot build is an error ([`run`]), never a hang or a panic.
 //! Fork safety: a child created by `fork` (DataLoader workers) inherits the pool object but none of its
 //! threads, so using it would hang. The pool remembers the pid that built it and is rebuilt, never
 //! reused, in any other process.
@@ -8,6 +9,12 @@
 use std::sync::{Arc, Mutex};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
+
+use crate::error::CoreError;
+
+/// The largest worker count accepted: more threads than this never help a memory-bound kernel, and a
+/// typo such as `10**6` must not try to start a million threads.
+pub const MAX_THREADS: usize = 1024;
 
 struct PoolState {
     pid: u32,
@@ -24,6 +31,7 @@ fn default_threads() -> usize {
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
+        .map(|n| n.min(MAX_THREADS))
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
@@ -32,13 +40,13 @@ fn wanted_threads() -> usize {
     if requested > 0 { requested } else { default_threads() }
 }
 
-fn current_pool() -> Arc<ThreadPool> {
+fn current_pool() -> Result<Arc<ThreadPool>, CoreError> {
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let pid = std::process::id();
     let threads = wanted_threads();
     if let Some(state) = guard.as_ref() {
         if state.pid == pid && state.threads == threads {
-            return Arc::clone(&state.pool);
+            return Ok(Arc::clone(&state.pool));
         }
     }
     if let Some(stale) = guard.take() {
@@ -48,25 +56,37 @@ fn current_pool() -> Arc<ThreadPool> {
             std::mem::forget(stale);
         }
     }
-    let pool = Arc::new(
-        ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("sparsekit-{i}"))
-            .build()
-            .expect("building a rayon thread pool"),
-    );
+    let pool = ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("sparsekit-{i}"))
+        .build()
+        .map_err(|e| CoreError::ThreadPool { why: format!("{threads} threads: {e}") })?;
+    let pool = Arc::new(pool);
     *guard = Some(PoolState { pid, threads, pool: Arc::clone(&pool) });
-    pool
+    Ok(pool)
 }
 
-/// Run `f` inside the sparsekit pool.
+/// Run `f` inside the sparsekit pool; a pool that cannot be built is a [`CoreError::ThreadPool`].
+pub fn run<R: Send>(f: impl FnOnce() -> Result<R, CoreError> + Send) -> Result<R, CoreError> {
+    current_pool()?.install(f)
+}
+
+/// Run an infallible `f` inside the sparsekit pool (benchmarks and tests). Panics if the pool cannot
+/// be built; library entry points use [`run`].
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    current_pool().install(f)
+    match current_pool() {
+        Ok(pool) => pool.install(f),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// Set the number of worker threads (0 restores the `SPARSEKIT_NUM_THREADS` / core-count default).
-pub fn set_num_threads(n: usize) {
+pub fn set_num_threads(n: usize) -> Result<(), CoreError> {
+    if n > MAX_THREADS {
+        return Err(CoreError::Invalid { arg: "n", why: format!("thread count must be in [0, {MAX_THREADS}], got {n}") });
+    }
     *REQUESTED.lock().unwrap_or_else(|e| e.into_inner()) = n;
+    Ok(())
 }
 
 /// The number of worker threads the next parallel call will use.

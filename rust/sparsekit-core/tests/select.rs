@@ -153,10 +153,10 @@ fn same_answer_on_any_thread_count() {
     let parts: Vec<&[f32]> = data.chunks(99_999).collect();
     let mut results = Vec::new();
     for threads in [1, 2, 3, 8] {
-        pool::set_num_threads(threads);
+        pool::set_num_threads(threads).unwrap();
         results.push(ours(&parts, 123_456, Order::Abs).unwrap());
     }
-    pool::set_num_threads(0);
+    pool::set_num_threads(0).unwrap();
     assert!(results.windows(2).all(|w| w[0] == w[1]));
 }
 

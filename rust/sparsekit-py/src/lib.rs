@@ -7,10 +7,11 @@ mod select;
 
 use pyo3::prelude::*;
 
-/// Set the worker thread count (0: back to `SPARSEKIT_NUM_THREADS` or the core count).
+/// Set the worker thread count (0: back to `SPARSEKIT_NUM_THREADS` or the core count), at most
+/// `MAX_THREADS`.
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    sparsekit_core::pool::set_num_threads(n);
+fn set_num_threads(n: usize) -> PyResult<()> {
+    sparsekit_core::pool::set_num_threads(n).map_err(error::to_py)
 }
 
 /// The worker thread count the next parallel call will use.
@@ -28,6 +29,7 @@ fn build_profile() -> &'static str {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_THREADS", sparsekit_core::pool::MAX_THREADS)?;
     m.add_function(wrap_pyfunction!(select::topk_masks, m)?)?;
     m.add_function(wrap_pyfunction!(select::kth_values, m)?)?;
     m.add_function(wrap_pyfunction!(select::nm_mask, m)?)?;

@@ -1,5 +1,5 @@
 //! Bindings of `sparsekit_core::select`. Each function borrows its buffers, releases the GIL for the
-//! whole computation, and maps core errors through `error::to_py`. Argument checking with friendly
+//! whole computation (`error::detach`: core errors mapped, panics caught). Argument checking with friendly
 //! messages happens first in Python (`sparsekit/select.py`); the core re-checks everything.
 
 use bytemuck::Pod;
@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use sparsekit_core::select::{self, BlockGrid, BlockNorm, Order, Score};
 
 use crate::arrays::{readonly, readwrite, slices, slices_mut};
-use crate::error::to_py;
+use crate::error::detach;
 use crate::with_dtype;
 
 fn parse_order(by: &str) -> PyResult<Order> {
@@ -49,7 +49,7 @@ pub fn topk_masks(
         let xs: Vec<&[T]> = slices(&guards, "sources")?;
         let mut out_guards: Vec<PyReadwriteArray1<bool>> = readwrite(&masks, "masks")?;
         let mut outs = slices_mut(&mut out_guards, "masks")?;
-        py.detach(|| select::topk_masks(&xs, &mut outs, k, order)).map_err(to_py)
+        detach(py, || select::topk_masks(&xs, &mut outs, k, order))
     })
 }
 
@@ -64,7 +64,7 @@ pub fn kth_values(py: Python<'_>, sources: Vec<Bound<'_, PyAny>>, dtype: &str, r
     with_dtype!(dtype, |T, E| {
         let guards: Vec<PyReadonlyArray1<E>> = readonly(&sources, "sources", dtype)?;
         let xs: Vec<&[T]> = slices(&guards, "sources")?;
-        py.detach(|| select::kth_values(&xs, &ranks, order)).map(values_as_f64).map_err(to_py)
+        detach(py, || select::kth_values(&xs, &ranks, order)).map(values_as_f64)
     })
 }
 
@@ -93,7 +93,7 @@ pub fn nm_mask(
         let mut out_guards: Vec<PyReadwriteArray1<bool>> = readwrite(&one(&out), "out")?;
         let mut outs = slices_mut(&mut out_guards, "out")?;
         let o: &mut [bool] = &mut outs[0];
-        py.detach(|| select::nm_mask(xs, o, length, inner, n, m, order)).map_err(to_py)
+        detach(py, || select::nm_mask(xs, o, length, inner, n, m, order))
     })
 }
 
@@ -120,6 +120,6 @@ pub fn block_topk_mask(
         let mut outs = slices_mut(&mut out_guards, "mask")?;
         let (elem, blocks) = outs.split_at_mut(1);
         let (elem, blocks): (&mut [bool], &mut [bool]) = (&mut elem[0], &mut blocks[0]);
-        py.detach(|| select::block_topk_mask(xs, grid, k, norm, elem, blocks)).map_err(to_py)
+        detach(py, || select::block_topk_mask(xs, grid, k, norm, elem, blocks))
     })
 }

@@ -38,8 +38,15 @@ impl BlockGrid {
                 why: format!("block ({}, {}) does not divide the shape ({}, {})", self.bh, self.bw, self.rows, self.cols),
             });
         }
-        if self.rows * self.cols != len {
-            return Err(CoreError::LengthMismatch { arg: "x", expected: self.rows * self.cols, got: len });
+        match self.rows.checked_mul(self.cols) {
+            Some(n) if n == len => {}
+            Some(n) => return Err(CoreError::LengthMismatch { arg: "x", expected: n, got: len }),
+            None => {
+                return Err(CoreError::Invalid {
+                    arg: "shape",
+                    why: format!("({}, {}) overflows the address space", self.rows, self.cols),
+                })
+            }
         }
         Ok(())
     }

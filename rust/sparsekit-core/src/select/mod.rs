@@ -23,7 +23,7 @@ use crate::pool;
 /// Top-`k` over all `sources` together: `masks[i][j]` is true for exactly `k` elements in total.
 pub fn topk_masks<T: Score>(sources: &[&[T]], masks: &mut [&mut [bool]], k: u64, order: Order) -> Result<(), CoreError> {
     mask::check_outputs(sources, masks)?;
-    pool::install(|| {
+    pool::run(|| {
         if fused::topk_masks_one_pass(sources, masks, k, order)? {
             return Ok(());
         }
@@ -36,7 +36,7 @@ pub fn topk_masks<T: Score>(sources: &[&[T]], masks: &mut [&mut [bool]], k: u64,
 /// The `rank`-th largest score (1-based) over all sources, for each rank. With `Order::Abs` the
 /// returned values are magnitudes.
 pub fn kth_values<T: Score>(sources: &[&[T]], ranks: &[u64], order: Order) -> Result<Vec<T>, CoreError> {
-    pool::install(|| {
+    pool::run(|| {
         let thresholds = radix::kth_keys(sources, ranks, order)?;
         Ok(thresholds.into_iter().map(|t| T::from_key(t.key, order)).collect())
     })
@@ -44,7 +44,7 @@ pub fn kth_values<T: Score>(sources: &[&[T]], ranks: &[u64], order: Order) -> Re
 
 /// N:M mask of `x` viewed as `(outer, len, inner)`, groups of `m` along `len`.
 pub fn nm_mask<T: Score>(x: &[T], out: &mut [bool], len: usize, inner: usize, n: usize, m: usize, order: Order) -> Result<(), CoreError> {
-    pool::install(|| nm::nm_mask(x, out, len, inner, n, m, order))
+    pool::run(|| nm::nm_mask(x, out, len, inner, n, m, order))
 }
 
 /// Keep the `k` blocks of highest norm.
@@ -56,5 +56,5 @@ pub fn block_topk_mask<T: Score>(
     elem_mask: &mut [bool],
     block_mask: &mut [bool],
 ) -> Result<(), CoreError> {
-    pool::install(|| block::block_topk_mask(x, grid, k, norm, elem_mask, block_mask))
+    pool::run(|| block::block_topk_mask(x, grid, k, norm, elem_mask, block_mask))
 }

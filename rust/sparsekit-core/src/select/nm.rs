@@ -26,7 +26,10 @@ fn check<T>(x: &[T], out: &[bool], len: usize, inner: usize, n: usize, m: usize)
     if out.len() != x.len() {
         return Err(CoreError::LengthMismatch { arg: "out", expected: x.len(), got: out.len() });
     }
-    let row = len * inner;
+    let row = len.checked_mul(inner).ok_or_else(|| CoreError::Invalid {
+        arg: "shape",
+        why: format!("a row of {len}x{inner} elements overflows the address space"),
+    })?;
     if (row == 0 && !x.is_empty()) || (row > 0 && x.len() % row != 0) {
         return Err(CoreError::Invalid { arg: "shape", why: format!("{} elements do not split into rows of {len}x{inner}", x.len()) });
     }
@@ -110,8 +113,11 @@ pub fn nm_mask<T: Score>(
     order: Order,
 ) -> Result<(), CoreError> {
     check(x, out, len, inner, n, m)?;
-    let slab = m * inner;
-    if slab == 0 || x.is_empty() {
+    if x.is_empty() {
+        return Ok(());
+    }
+    let slab = m * inner; // <= len * inner, which `check` bounded by x.len()
+    if slab == 0 {
         return Ok(());
     }
     let task = slab * (TASK_LEN / slab).max(1);
