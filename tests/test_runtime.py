@@ -97,3 +97,27 @@ def test_cli_info_and_demo():
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "matches stable sort: True" in demo.stdout
+
+
+def test_cli_help_is_plain_text_and_demo_reports_what_it_ran():
+    help_text = subprocess.run([sys.executable, "-m", "sparsekit", "--help"], capture_output=True, text=True, check=True)
+    assert "``" not in help_text.stdout and "info" in help_text.stdout
+    demo = subprocess.run(
+        [sys.executable, "-m", "sparsekit", "demo", "--numel", "1000", "--tensors", "3"], capture_output=True, text=True
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "1,000 float32 elements, keeping 100" in demo.stdout
+    assert "quantile(0.9) of 1,000 magnitudes" in demo.stdout
+    assert "x faster" in demo.stdout or "x slower" in demo.stdout
+
+
+def test_speed_wording_names_the_slower_side():
+    from sparsekit.cli import _speed
+
+    assert _speed(3.0, 1.0) == "sparsekit 3.0x faster"
+    assert _speed(1.0, 4.0) == "sparsekit 4.0x slower"
+
+
+def test_dir_lists_only_the_public_api():
+    assert "annotations" not in dir(sparsekit)
+    assert set(sparsekit.__all__) <= set(dir(sparsekit))

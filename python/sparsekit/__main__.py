@@ -1,4 +1,4 @@
-"""``python -m sparsekit {info,demo}``."""
+"""python -m sparsekit {info,demo}: sparsekit's command line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from .cli import demo, info
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparsekit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m sparsekit", description="sparsekit: exact selection and sparse-training building blocks for PyTorch."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, build profile, threads, CUDA availability")
     demo_parser = sub.add_parser("demo", help="exact selection on a model-sized set of tensors, checked and timed")

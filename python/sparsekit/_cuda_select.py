@@ -264,6 +264,7 @@ def block_topk_mask(
     (bh, bw), (rows, cols) = block, x.shape
     grid = (rows // bh, cols // bw)
     scores = torch.empty(grid, dtype=torch.float64, device=x.device)
+    be: Backend | None = backend
     if scores.numel():
         be = _backend(x, backend)
         ctype, fmt = _NORM_FORMATS[x.dtype]
@@ -271,8 +272,6 @@ def block_topk_mask(
             be.bits(x.reshape(-1), ctype), np.int64(rows), np.int64(cols), np.int32(bh), np.int32(bw),
             be.plain(scores.view(-1)),
         ))  # fmt: skip
-    else:
-        be = backend
     block_mask = topk_masks([scores], k, "value", backend=be)[0]
     mask = out if out is not None else torch.empty(x.shape, dtype=torch.bool, device=x.device)
     mask.view(grid[0], bh, grid[1], bw).copy_(block_mask[:, None, :, None].expand(grid[0], bh, grid[1], bw))

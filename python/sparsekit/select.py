@@ -165,7 +165,14 @@ def global_topk_masks(
     if isinstance(tensors, torch.Tensor):
         raise TypeError("tensors must be a sequence of tensors; for one tensor use topk_mask")
     xs = [_check_tensor(t, f"tensors[{i}]") for i, t in enumerate(tensors)]
-    by = _check_by(by)
+    return _topk_masks(xs, k, density, by, out, [f"tensors[{i}]" for i in range(len(xs))])
+
+
+def _topk_masks(
+    xs: list[torch.Tensor], k: object, density: object, by: object, out: Sequence[torch.Tensor] | None, names: list[str]
+) -> list[torch.Tensor]:
+    """``global_topk_masks`` on checked tensors; ``names`` are the tensors' names for NaN errors."""
+    order = _check_by(by)
     dtypes = {t.dtype for t in xs}
     if len(dtypes) > 1:
         raise TypeError(f"tensors must share one dtype, got {sorted(map(str, dtypes))}")
@@ -181,24 +188,24 @@ def global_topk_masks(
         return []
     try:
         if _on_device(xs[0]):
-            return _cuda_select().topk_masks([t.contiguous() for t in xs], kk, by, out=outs)
+            return _cuda_select().topk_masks([t.contiguous() for t in xs], kk, order, out=outs)
         masks = outs if outs is not None else [torch.empty(t.shape, dtype=torch.bool) for t in xs]
         _core.topk_masks(
-            [_flat_bits(t) for t in xs], [m.view(-1).numpy() for m in masks], _DTYPE_TAGS[xs[0].dtype], kk, by
+            [_flat_bits(t) for t in xs], [m.view(-1).numpy() for m in masks], _DTYPE_TAGS[xs[0].dtype], kk, order
         )
     except ValueError as exc:
-        raise _name_nan_tensor(exc, xs) from None
+        raise _name_nan_tensor(exc, xs, names) from None
     return masks
 
 
-def _name_nan_tensor(exc: ValueError, xs: list[torch.Tensor]) -> ValueError:
-    """Rewrite a NaN error of a many-tensor call so it names the first tensor holding a NaN."""
-    if "NaN" not in str(exc) or len(xs) == 1:
+def _name_nan_tensor(exc: ValueError, xs: list[torch.Tensor], names: list[str]) -> ValueError:
+    """Rewrite a NaN error so it names the first tensor holding a NaN (searched only on that error)."""
+    if "NaN" not in str(exc):
         return exc
-    first = next((i for i, t in enumerate(xs) if bool(t.isnan().any())), None)
+    first = next((name for name, t in zip(names, xs) if bool(t.isnan().any())), None)
     if first is None:
         return exc
-    return ValueError(f"tensors[{first}] contains NaN; NaN scores cannot be ranked (replace them, e.g. with torch.nan_to_num)")
+    return ValueError(f"{first} contains NaN; NaN scores cannot be ranked (replace them, e.g. with torch.nan_to_num)")
 
 
 def topk_mask(
@@ -220,7 +227,7 @@ def topk_mask(
         ValueError: NaN in ``x``, ``k`` outside ``[0, x.numel()]``, density outside ``[0, 1]``.
     """
     x = _check_tensor(x, "x")
-    return global_topk_masks([x], k=k, density=density, by=by, out=None if out is None else [out])[0]
+    return _topk_masks([x], k, density, by, None if out is None else [out], ["x"])[0]
 
 
 def nm_mask(
