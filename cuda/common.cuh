@@ -12,6 +12,7 @@
 #define SK_RADIX_BINS (1 << SK_RADIX_BITS)  // 2048 bins: 8 KiB of shared counts
 #define SK_CHUNK 4096                     // elements of one tensor handled by one block at a time
 #define SK_MAX_GROUP 32                   // N:M groups up to this size keep their keys in registers
+#define SK_MAX_SELECTS 1024               // selects sharing one radix_hist_multi pass (8 KiB of prefixes)
 
 // Slots of the per-select state vector (int64 words on the device; read back once at the end).
 #define SK_PREFIX 0     // key bits fixed so far (after the last pass: the k-th largest key)

@@ -48,13 +48,54 @@ __global__ void radix_hist(const unsigned long long* __restrict__ xs, const long
     if (threadIdx.x == 0 && block_nans != 0) atomicAdd(nan_count, (unsigned long long)block_nans);
 }
 
+// A later radix pass for many selects at once (a multi-rank select: quantile levels share every pass):
+// histogram row r counts the digit at `digit_shift` of the keys whose bits above `prefix_shift` equal
+// select r's prefix. The selects are ordered by ascending rank, so their prefixes are non-increasing and
+// the selects matching a key's prefix are one run, found by binary search in shared memory. Only keys
+// under some prefix are counted (a small share after the first pass), straight into global counts.
+template <typename Bits, int BY_VALUE>
+__global__ void radix_hist_multi(const unsigned long long* __restrict__ xs, const long long* __restrict__ lens,
+                                 const long long* __restrict__ chunk_start, int num_tensors,
+                                 const long long* __restrict__ states, int num_selects, int prefix_shift,
+                                 int digit_shift, int digit_bits, unsigned long long* __restrict__ hist) {
+    __shared__ unsigned long long prefixes[SK_MAX_SELECTS];
+    for (int r = threadIdx.x; r < num_selects; r += blockDim.x) {
+        prefixes[r] = (unsigned long long)states[(long long)r * SK_STATE_WORDS + SK_PREFIX];
+    }
+    __syncthreads();
+    const unsigned long long digit_mask = (1ull << digit_bits) - 1;
+    const long long chunks = chunk_start[num_tensors];
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const int t = sk_chunk_owner(chunk_start, num_tensors, c);
+        const Bits* __restrict__ x = reinterpret_cast<const Bits*>(xs[t]);
+        const long long start = (c - chunk_start[t]) * SK_CHUNK;
+        const long long end = start + SK_CHUNK < lens[t] ? start + SK_CHUNK : lens[t];
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const unsigned long long key = sk_key<Bits, BY_VALUE>(x[i]);
+            const unsigned long long p = key >> prefix_shift;
+            int lo = 0, hi = num_selects;  // first select whose prefix is <= p
+            while (lo < hi) {
+                const int mid = (lo + hi) / 2;
+                if (prefixes[mid] > p) lo = mid + 1; else hi = mid;
+            }
+            const unsigned long long digit = (key >> digit_shift) & digit_mask;
+            for (int r = lo; r < num_selects && prefixes[r] == p; ++r) {
+                atomicAdd(&hist[((long long)r << SK_RADIX_BITS) + (long long)digit], 1ull);
+            }
+        }
+    }
+}
+
 // After a pass: find the digit holding the state[SK_REMAINING]-th largest key among the `bins`
-// counts, append it to the prefix, and move the counts above it to state[SK_GREATER]. One block:
-// each thread sums a slice of bins, then thread 0 walks the slice sums and the chosen slice from the
-// top. `hist` holds this pass's counts only (one row per pass, zeroed by the host beforehand).
-extern "C" __global__ void radix_pick(const unsigned long long* __restrict__ hist, int digit_bits,
-                                      long long* __restrict__ state) {
+// counts, append it to the prefix, and move the counts above it to state[SK_GREATER]. One block per
+// select: block b reads counts at hist + b * hist_stride (stride 0: all share the first pass's row) and
+// updates state + b * SK_STATE_WORDS. Each thread sums a slice of bins, then thread 0 walks the slice
+// sums and the chosen slice from the top. The counts are this pass's only (zeroed by the host).
+extern "C" __global__ void radix_pick(const unsigned long long* __restrict__ hist, long long hist_stride,
+                                      int digit_bits, long long* __restrict__ state) {
     __shared__ unsigned long long slice_sum[1024];
+    hist += (long long)blockIdx.x * hist_stride;
+    state += (long long)blockIdx.x * SK_STATE_WORDS;
     const int bins = 1 << digit_bits;
     const int per = (bins + blockDim.x - 1) / blockDim.x;
     unsigned long long sum = 0;

@@ -171,3 +171,14 @@ def test_bad_switch_arguments():
     with pytest.raises(TypeError, match="seed"):
         with simulated_cuda(seed=1.5):  # type: ignore[arg-type]
             pass
+
+
+def test_many_quantile_levels_share_passes_across_batches():
+    """More ranks than one radix_hist_multi launch takes (1024): the batches must agree with torch."""
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x[::5] = 0.25  # ties shared by many ranks
+    q = torch.linspace(0, 1, 700, dtype=torch.float64)
+    with simulated_cuda() as sim:
+        got = sparsekit.quantile(x, q)
+        assert _syncs(sim) == 1
+    assert same_tensor(got, torch.quantile(x, q))

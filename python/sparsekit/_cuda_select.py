@@ -31,6 +31,7 @@ THREADS = 256
 MAX_NM_GRID = 4096  # nm_mask blocks at most (grid-stride over groups)
 MAX_HIST_GRID = 1024  # radix_hist blocks at most (grid-stride over chunks): bounds the global atomics
 STATE_WORDS = 4  # SK_STATE_WORDS: prefix, remaining, greater, equal
+MAX_SELECTS = 1024  # SK_MAX_SELECTS: ranks sharing one radix_hist_multi launch
 _NAN_MESSAGE = "x contains NaN; NaN scores cannot be ranked (replace them, e.g. with torch.nan_to_num)"
 
 
@@ -48,7 +49,7 @@ FORMATS = {
     torch.float16: KeyFormat(16, "unsigned short", 0x7C00, torch.int16),
     torch.bfloat16: KeyFormat(16, "unsigned short", 0x7F80, torch.int16),
 }
-_KERNELS = ("radix_hist", "mask_at_least", "mask_trim_equal", "nm_mask")  # templates; radix_pick is extern "C"
+_KERNELS = ("radix_hist", "radix_hist_multi", "mask_at_least", "mask_trim_equal", "nm_mask")  # templates; radix_pick is extern "C"
 # Block norms: the raw-bits type, the format (0 f32, 1 f64, 2 f16, 3 bf16) and the norm (0 l1, 1 l2, 2 max).
 _NORM_FORMATS = {torch.float32: ("unsigned int", 0), torch.float64: ("unsigned long long", 1),
                  torch.float16: ("unsigned short", 2), torch.bfloat16: ("unsigned short", 3)}  # fmt: skip
@@ -119,37 +120,46 @@ class _Table:
 
 
 def _select(be: Backend, tab: _Table, fmt: KeyFormat, by: str, ranks: Sequence[int]) -> torch.Tensor:
-    """Radix select of each 1-based rank (the same ``ranks`` the table was built with) over the table,
-    all on the device with no synchronisation.
+    """Radix select of each 1-based rank (the same ``ranks`` the table was built with, ascending) over
+    the table, all on the device with no synchronisation.
+
+    Every pass is shared by all ranks (a multi-rank select): the first pass's histogram has no prefix
+    and serves every rank; each later pass is one ``radix_hist_multi`` over the data for all ranks (up to
+    ``MAX_SELECTS`` per launch), so the data is read once per pass whatever the number of ranks, and
+    one ``radix_pick`` launch of a block per rank follows each pass.
 
     Returns ``states``: ``states[r]`` = (key of the rank-th largest, rank left, keys greater, keys equal)
-    as int64 words. ``tab.nan`` counts NaNs (the first pass, shared by all ranks, counts them even when
-    ``ranks`` is empty)."""
+    as int64 words. ``tab.nan`` counts NaNs (the first pass counts them even when ``ranks`` is empty)."""
+    assert list(ranks) == sorted(ranks), "ranks must be ascending (radix_hist_multi relies on it)"
     passes = radix_passes(fmt.bits)
     bins = 1 << RADIX_BITS
-    hist = torch.zeros((1 + len(ranks) * (len(passes) - 1), bins), dtype=torch.int64, device=tab.words.device)
-    hist_name, nan_abs = _kernel_name("radix_hist", fmt, by), _UNSIGNED[fmt.ctype][0](fmt.nan_abs)
+    device = tab.words.device
     grid = _grid(tab.chunks, 1, MAX_HIST_GRID)
-    nan_arg = be.bits(tab.nan, "unsigned long long")
-
-    def histogram(state: torch.Tensor, row: int, pass_: tuple[int, int, int], count_nan: bool) -> None:
-        prefix_shift, digit_shift, digit_bits = pass_
-        be.launch(hist_name, grid, THREADS, (
-            tab.xs, tab.lens, tab.chunk_start, np.int32(tab.count), be.plain(state), np.int32(prefix_shift),
-            np.int32(digit_shift), np.int32(digit_bits), np.int32(count_nan), nan_abs,
-            be.bits(hist[row], "unsigned long long"), nan_arg,
-        ))  # fmt: skip
-
-    def pick(state: torch.Tensor, row: int, pass_: tuple[int, int, int]) -> None:
-        be.launch("radix_pick", 1, THREADS, (be.bits(hist[row], "unsigned long long"), np.int32(pass_[2]), be.plain(state)))
-
-    histogram(tab.states[len(ranks)], 0, passes[0], True)
-    for r in range(len(ranks)):
-        pick(tab.states[r], 0, passes[0])
-        for p, pass_ in enumerate(passes[1:]):
-            row = 1 + r * (len(passes) - 1) + p
-            histogram(tab.states[r], row, pass_, False)
-            pick(tab.states[r], row, pass_)
+    prefix_shift, digit_shift, digit_bits = passes[0]
+    first = torch.zeros(bins, dtype=torch.int64, device=device)
+    be.launch(_kernel_name("radix_hist", fmt, by), grid, THREADS, (
+        tab.xs, tab.lens, tab.chunk_start, np.int32(tab.count), be.plain(tab.states[len(ranks)]), np.int32(prefix_shift),
+        np.int32(digit_shift), np.int32(digit_bits), np.int32(1), _UNSIGNED[fmt.ctype][0](fmt.nan_abs),
+        be.bits(first, "unsigned long long"), be.bits(tab.nan, "unsigned long long"),
+    ))  # fmt: skip
+    if not ranks:
+        return tab.states[:0]
+    batches = [(lo, min(lo + MAX_SELECTS, len(ranks))) for lo in range(0, len(ranks), MAX_SELECTS)]
+    for lo, hi in batches:
+        be.launch("radix_pick", hi - lo, THREADS, (be.bits(first, "unsigned long long"), np.int64(0), np.int32(digit_bits),
+                                                   be.plain(tab.states[lo:hi])))  # fmt: skip
+    hist = torch.empty((min(len(ranks), MAX_SELECTS), bins), dtype=torch.int64, device=device)
+    multi = _kernel_name("radix_hist_multi", fmt, by)
+    for prefix_shift, digit_shift, digit_bits in passes[1:]:
+        for lo, hi in batches:
+            hist.zero_()
+            states = be.plain(tab.states[lo:hi])
+            be.launch(multi, grid, THREADS, (
+                tab.xs, tab.lens, tab.chunk_start, np.int32(tab.count), states, np.int32(hi - lo), np.int32(prefix_shift),
+                np.int32(digit_shift), np.int32(digit_bits), be.bits(hist, "unsigned long long"),
+            ))  # fmt: skip
+            be.launch("radix_pick", hi - lo, THREADS, (be.bits(hist, "unsigned long long"), np.int64(bins),
+                                                       np.int32(digit_bits), states))  # fmt: skip
     return tab.states[: len(ranks)]
 
 
@@ -221,9 +231,13 @@ def kth_values(x: torch.Tensor, ranks: list[int], by: str, *, backend: Backend |
         return torch.empty(0, dtype=x.dtype, device=x.device)  # ranks must be empty (1 <= rank <= n)
     be = _backend(flat, backend)
     fmt = FORMATS[flat.dtype]
-    tab = _Table(be, [flat], None, ranks)
-    states = _select(be, tab, fmt, by, ranks)
+    unique = sorted(set(ranks))
+    tab = _Table(be, [flat], None, unique)
+    states = _select(be, tab, fmt, by, unique)
     values = values_of_keys(states[:, 0].clone(), fmt, flat.dtype, by)  # ranks=[]: a NaN scan only
+    if unique != list(ranks):
+        slot = {r: i for i, r in enumerate(unique)}
+        values = values[be.upload(np.array([slot[r] for r in ranks], dtype=np.int64))]
     if int(be.read(tab.nan)[0]):
         raise ValueError(_NAN_MESSAGE)
     return values
