@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WHEEL_DIR := target/wheels-dist
 export PYO3_PYTHON := $(abspath $(PY))
 
-.PHONY: demo test install dev dev-test rust-test wheel-check stubtest pytest bench clean
+.PHONY: demo test install dev dev-test rust-test wheel-check stubtest pytest bench gpu-test gpu-bench clean
 
 $(VENV)/.ready: pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,6 +50,15 @@ pytest: install
 	$(PY) -m pytest -q
 
 test: rust-test wheel-check stubtest pytest
+
+# On a machine with a CUDA GPU: the GPU suite (skipped, with the reason, elsewhere) and the GPU benchmarks.
+gpu-test: install
+	$(VENV)/bin/pip install -q "cupy-cuda13x>=14"
+	$(PY) -m pytest -q -m gpu tests/test_gpu.py
+
+gpu-bench: install
+	$(VENV)/bin/pip install -q "cupy-cuda13x>=14"
+	$(PY) -m pytest -q -m gpu benches/bench_gpu_select.py --benchmark-enable --benchmark-columns=median,min,rounds
 
 bench: install
 	cargo bench -p sparsekit-core --bench select -- --warm-up-time 1 --measurement-time 4

@@ -119,6 +119,11 @@ def _on_device(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or (x.device.type == "cpu" and _cuda.ACTIVE_SIMULATION.get() is not None)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``: through pinned memory without blocking the host on CUDA."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def _check_out(out: object, like: torch.Tensor, arg: str) -> torch.Tensor:
     """A caller's mask buffer: a contiguous bool tensor shaped and placed like ``like``."""
     if not isinstance(out, torch.Tensor):
@@ -430,10 +435,10 @@ def quantile(x: torch.Tensor, q: float | torch.Tensor, interpolation: Interpolat
     positions = sorted(set(below.tolist()) | set(above.tolist()))
     values = _kth_values(x, [n - p for p in positions], "value").to(work)  # ascending position p = (n-p)-th largest
     slot = {p: i for i, p in enumerate(positions)}
-    take = lambda idx: values[torch.tensor([slot[p] for p in idx.tolist()], device=values.device)]  # noqa: E731
+    take = lambda idx: values[_to_device(torch.tensor([slot[p] for p in idx.tolist()]), values.device)]  # noqa: E731
     result = take(below)
     if interpolation in ("linear", "midpoint"):
         weights = torch.full_like(levels, 0.5) if interpolation == "midpoint" else (ranks - below).to(work)
-        result = result.lerp(take(above), weights.to(values.device))
+        result = result.lerp(take(above), _to_device(weights, values.device))
     shape = q.shape if isinstance(q, torch.Tensor) else ()
     return result.to(x.dtype).reshape(shape)
