@@ -40,8 +40,8 @@ __device__ __forceinline__ void sk_route_count(int* counter, unsigned int add) {
 // Per row of choice [rows, E] (float32 bits): the k experts with the largest scores, in descending
 // order, ties to the lower expert index -> ids[row * k + rank]. With n_groups > 1 only the experts of
 // the topk_groups best groups (E / n_groups consecutive experts each; group score = max, or with
-// group_top2 the float32 sum of the two largest; a NaN group score ranks lowest; ties to the lower
-// group index) can be chosen. NaN scores are counted into *nan_count (saturating at INT_MAX).
+// group_top2 the float32 sum of the two largest, or the largest where that sum is NaN: +inf + -inf;
+// ties to the lower group index) can be chosen. NaN scores are counted into *nan_count (saturating at INT_MAX).
 //
 // One block per row (grid-stride over rows); the row's keys live in shared memory and each expert's
 // rank is counted: rank(e) = #{l : key[l] > key[e] or (key[l] == key[e] and l < e)}, stopping at k.
@@ -72,9 +72,12 @@ __global__ void route_topk(const unsigned int* __restrict__ choice, long long ro
                     if (key > first) { second = first; first = key; }
                     else if (j == 1 || key > second) second = key;
                 }
-                group_keys[g] = group_top2 ? sk_route_key(__float_as_uint(__fadd_rn(sk_route_value(first),
-                                                                                     sk_route_value(second))))
-                                           : first;
+                unsigned int score = first;
+                if (group_top2) {  // +inf + -inf = NaN: the group holds +inf and ranks as its max, +inf
+                    const unsigned int sum = __float_as_uint(__fadd_rn(sk_route_value(first), sk_route_value(second)));
+                    if (!sk_is_nan<unsigned int>(sum, 0x7F800000u)) score = sk_route_key(sum);
+                }
+                group_keys[g] = score;
             }
             __syncthreads();  // B2: every group score is written before the groups are ranked
             for (int g = threadIdx.x; g < n_groups; g += blockDim.x) {

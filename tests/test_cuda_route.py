@@ -59,8 +59,8 @@ def make_scores(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------- eager reference
 def ref_topk(choice: torch.Tensor, k: int, n_groups: int | None, topk_groups: int | None, mode: str) -> torch.Tensor:
     """Per row: experts by descending score, ties to the lower index (Python sorts: -0.0 == +0.0); with
-    groups, only those of the topk_groups best groups (max, or float32 sum of the top two; a NaN group
-    score ranks lowest; ties to the lower group)."""
+    groups, only those of the topk_groups best groups (max, or float32 sum of the top two, +inf where
+    that is +inf + -inf; ties to the lower group)."""
     rows, E = choice.shape
     G = n_groups or 1
     TG = topk_groups if topk_groups is not None else G
@@ -77,8 +77,9 @@ def ref_topk(choice: torch.Tensor, k: int, n_groups: int | None, topk_groups: in
                 else:
                     a, b = sorted(member, reverse=True)[:2]
                     with np.errstate(all="ignore"):
-                        gscores.append(float(np.float32(a) + np.float32(b)))
-            best = sorted(range(G), key=lambda g: (math.isnan(gscores[g]), 0.0 if math.isnan(gscores[g]) else -gscores[g], g))
+                        total = float(np.float32(a) + np.float32(b))
+                    gscores.append(a if math.isnan(total) else total)  # +inf + -inf: the group's max, +inf
+            best = sorted(range(G), key=lambda g: (-gscores[g], g))
             keep = set(best[:TG])
             allowed = [e for e in range(E) if e // size in keep]
         out.append(sorted(allowed, key=lambda e: (-r[e], e))[:k])
@@ -225,10 +226,11 @@ def test_route_topk_tie_rules(forward):
     y = torch.tensor([[1.0, 2.0, 2.0, 1.0, 1.5, 1.5]])
     assert cr.route_topk(y, 2, 3, 1, "top2", backend=forward)[0].tolist() == [[1, 0]]
     assert cr.route_topk(y, 2, 3, 2, "top2", backend=forward)[0].tolist() == [[1, 2]]
-    # inf + -inf = NaN group score: below every other group (even an all -inf one)
-    z = torch.tensor([[math.inf, -math.inf, -math.inf, -math.inf, 0.0, -1.0]])
-    assert cr.route_topk(z, 3, 3, 2, "top2", backend=forward)[0].tolist() == [[4, 5, 2]]
-    assert cr.route_topk(z, 1, 3, 1, "max", backend=forward)[0].tolist() == [[0]]
+    # top two +inf and -inf: the sum is NaN, the group scores +inf (its max) and wins
+    z = torch.tensor([[-math.inf, math.inf, 5.0, 4.0, 0.0, -1.0]])
+    assert cr.route_topk(z, 2, 3, 1, "top2", backend=forward)[0].tolist() == [[1, 0]]
+    assert cr.route_topk(z, 3, 3, 2, "top2", backend=forward)[0].tolist() == [[1, 2, 3]]
+    assert cr.route_topk(z, 1, 3, 1, "max", backend=forward)[0].tolist() == [[1]]
 
 
 def test_route_topk_empty(forward):

@@ -17,8 +17,8 @@ Tie and edge rules (the Rust path implements the same contract):
 - scores and priorities rank by value with ``-0.0 == +0.0``; ties go to the lower expert / group /
   slot index; ``-inf`` is an ordinary lowest score;
 - NaN is counted (``nan_count``); on this path a NaN score or priority ranks below ``-inf`` (the
-  contract leaves the ranking with NaN unspecified); a NaN group score (``+inf + -inf`` in ``"top2"``
-  mode) ranks below every other group score;
+  contract leaves the ranking with NaN unspecified); a ``"top2"`` group whose two largest scores are
+  ``+inf`` and ``-inf`` (sum NaN) scores ``+inf``, its largest (as the Rust path does);
 - expert ids outside ``[0, n_experts)`` are counted into ``invalid``, never kept, never counted in
   ``counts``, and listed with the dropped slots.
 """
