@@ -19,6 +19,16 @@ from hypothesis import strategies as st
 
 from sparsekit import _cuda_route as cr
 
+try:  # the Rust path (issue 6's CPU side), for a cross-check once it is merged
+    from sparsekit.moe import route_tables as rust_tables
+    from sparsekit.moe import route_topk as rust_topk
+except ImportError:
+    try:
+        from sparsekit.moe._routing import route_tables as rust_tables  # type: ignore[no-redef]
+        from sparsekit.moe._routing import route_topk as rust_topk  # type: ignore[no-redef]
+    except ImportError:
+        rust_tables = rust_topk = None  # type: ignore[assignment]
+
 SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1)]
 KINDS = ["normal", "softmax", "ties", "extremes"]
 
@@ -114,6 +124,12 @@ def ref_tables(ids: torch.Tensor, E: int, capacity: int | None, policy: str, pri
     return order, counts, offsets, kept, invalid
 
 
+def check_rust_topk(ids: torch.Tensor, x: torch.Tensor, k: int, G: int | None, TG: int | None, mode: str) -> None:
+    if rust_topk is not None:
+        want = rust_topk(x, k, G or 1, TG if TG is not None else (G or 1), mode)
+        assert torch.equal(ids, want), "differs from the Rust path"
+
+
 def check_tables(got: cr.RouteTables, ids: torch.Tensor, E: int, capacity, policy, priority) -> None:
     order, counts, offsets, kept, invalid = ref_tables(ids, E, capacity, policy, priority)
     n = ids.numel()
@@ -128,6 +144,9 @@ def check_tables(got: cr.RouteTables, ids: torch.Tensor, E: int, capacity, polic
     assert got.kept.reshape(-1).tolist() == kept
     assert int(got.invalid) == invalid
     assert torch.equal(got.order[got.inverse], torch.arange(n))
+    if rust_tables is not None and invalid == 0:
+        want = rust_tables(ids, E, capacity, policy, priority)
+        assert all(torch.equal(a, b) for a, b in zip(got[:5], want)), "differs from the Rust path"
 
 
 def make_ids(T: int, k: int, E: int, seed: int, skew: bool = False, bad: float = 0.0) -> torch.Tensor:
@@ -179,6 +198,7 @@ def test_route_topk(backend, case, kind):
     assert ids.dtype == torch.int64 and ids.shape == (T, k) and nan_count.dtype == torch.int32 and nan_count.shape == (1,)
     assert torch.equal(ids, ref_topk(x, k, G, TG, mode))
     assert int(nan_count) == 0
+    check_rust_topk(ids, x, k, G, TG, mode)
 
 
 @settings(max_examples=40)
@@ -198,6 +218,7 @@ def test_route_topk_property(backend, T, E, kind, mode, seed, data):
     x = make_scores(kind, (T, E), seed)
     ids, nan_count = cr.route_topk(x, k, G, TG, mode, backend=backend)
     assert torch.equal(ids, ref_topk(x, k, G, TG, mode)) and int(nan_count) == 0
+    check_rust_topk(ids, x, k, G, TG, mode)
 
 
 def test_route_topk_blocks_take_many_rows(backend, monkeypatch):
