@@ -316,7 +316,8 @@ TABLE_CASES = [  # (T, k, E, capacity, policy, skew, bad fraction)
     (1500, 4, 64, 70, "probs", True, 0.02),
     (800, 3, 7, 10**9, "probs", False, 0.0),  # capacity above every load: dropless
     (400, 8, 1, 1000, "position", False, 0.0),  # one expert
-    (64, 4, 3000, 1, "probs", False, 0.0),  # more experts than slots: tiles of 3008 positions
+    (1000, 4, 3000, 1, "probs", False, 0.0),  # many experts: two tiles of 3008 positions
+    (10, 2, 100_000, 1, "position", False, 0.0),  # E >> T*k: one tile, a table of E + 1 entries
 ]
 
 

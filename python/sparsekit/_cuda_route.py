@@ -158,9 +158,9 @@ class _Pass:
 
     def __init__(self, be: Any, n: int, buckets: int, device: torch.device, ids: Any, prio: Any, kept: Any) -> None:
         self.be, self.n, self.buckets, self.ids, self.prio, self.kept = be, n, buckets, ids, prio, kept
-        # a tile of 32 * rounds positions per warp, at least one position per bucket: the per-(bucket,
-        # tile) table then holds at most n + buckets entries (O(T*k + E))
-        self.rounds = max(MIN_ROUNDS, -(-buckets // 32))
+        # a tile of 32 * rounds positions per warp, at least one position per bucket (or all n in one
+        # tile): the per-(bucket, tile) table then holds at most n + buckets entries (O(T*k + E))
+        self.rounds = max(1, min(max(MIN_ROUNDS, -(-buckets // 32)), -(-n // 32)))
         self.tiles = -(-n // (32 * self.rounds))
         self.device = device
         self.dummy = torch.zeros(1, dtype=torch.int64, device=device)
@@ -196,6 +196,11 @@ class _Pass:
         return order, inv, starts
 
 
+def _saturate(count: torch.Tensor) -> torch.Tensor:
+    """An int64 count on the device as ``int32 [1]``, saturating at 2^31 - 1 (no host sync)."""
+    return count.clamp(max=2**31 - 1).to(torch.int32).reshape(1)
+
+
 def route_tables(expert_ids: torch.Tensor, n_experts: int, capacity: int | None = None, drop_policy: str = "probs",
                  priority: torch.Tensor | None = None, *, backend: Any = None) -> RouteTables:  # fmt: skip
     """Routing tables of ``expert_ids [T, k]`` (int64) over ``n_experts`` experts, with no host sync.
@@ -225,9 +230,10 @@ def route_tables(expert_ids: torch.Tensor, n_experts: int, capacity: int | None 
     n = expert_ids.numel()
     flat_ids = expert_ids.view(-1)
     in_range = (flat_ids >= 0) & (flat_ids < E)
-    invalid = (n - in_range.sum(dtype=torch.int32)).reshape(1)  # device ops only
+    # counts on the device (saturating at 2^31 - 1, like route_topk's nan_count)
+    invalid = _saturate(n - in_range.sum())
     nan_count = (
-        torch.isnan(priority).sum(dtype=torch.int32).reshape(1) if use_priority and priority is not None
+        _saturate(torch.isnan(priority).sum()) if use_priority and priority is not None
         else torch.zeros(1, dtype=torch.int32, device=device)
     )  # fmt: skip
     if n == 0:
