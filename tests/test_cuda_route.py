@@ -444,3 +444,27 @@ def test_loader_source_and_name_expressions():
     assert _cuda.kernel_source("route").startswith('#line 1 "route.cu"\n')
     assert cr.NAME_EXPRESSIONS == tuple(f"route_topk<{s}>" for s in cr.TOPK_SIZES)
     assert cr.MAX_EXPERTS == max(cr.TOPK_SIZES)
+
+
+# ---------------------------------------------------------------------------------- on a real GPU
+def _have_gpu() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _have_gpu(), reason="needs a CUDA device and cupy")
+def test_on_gpu_equals_reference():
+    # the CupyBackend side (DLPack, torch's stream, the cupy argument types), deselected by default (-m gpu)
+    x = make_scores("ties", (3000, 256), seed=21)
+    ids, nan_count = cr.route_topk(x.cuda(), 8, 8, 4, "top2")
+    assert ids.device.type == "cuda" and torch.equal(ids.cpu(), ref_topk(x, 8, 8, 4, "top2")) and int(nan_count) == 0
+    ids = make_ids(3000, 8, 256, seed=22, skew=True, bad=0.01)
+    prio = make_priority(ids, "ties", 22)
+    for cap, policy in ((None, "probs"), (60, "position"), (60, "probs")):
+        got = cr.route_tables(ids.cuda(), 256, cap, policy, prio.cuda())
+        assert all(t.device.type == "cuda" for t in got)
+        check_tables(cr.RouteTables(*(t.cpu() for t in got)), ids, 256, cap, policy, prio)
