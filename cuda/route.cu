@@ -41,7 +41,8 @@ __device__ __forceinline__ void sk_route_count(int* counter, unsigned int add) {
 // order, ties to the lower expert index -> ids[row * k + rank]. With n_groups > 1 only the experts of
 // the topk_groups best groups (E / n_groups consecutive experts each; group score = max, or with
 // group_top2 the float32 sum of the two largest, or the largest where that sum is NaN: +inf + -inf;
-// ties to the lower group index) can be chosen. NaN scores are counted into *nan_count (saturating at INT_MAX).
+// ties to the lower group index) can be chosen. NaN scores are counted into *nan_count (saturating
+// at INT_MAX).
 //
 // One block per row (grid-stride over rows); the row's keys live in shared memory and each expert's
 // rank is counted: rank(e) = #{l : key[l] > key[e] or (key[l] == key[e] and l < e)}, stopping at k.

@@ -84,7 +84,10 @@ class SimBackend(_cs.SimBackend):
         )  # fmt: skip
 
 
-def sim_backend(schedule: str = "forward", seed: int = 0, threads: int | None = None, **module_options: Any) -> SimBackend:
+def sim_backend(schedule: str = "forward", seed: int = 0, threads: int | None = None,
+                **module_options: Any) -> SimBackend:  # fmt: skip
+    """A :class:`SimBackend`: ``schedule`` ("forward", "reverse", "random" with ``seed``) is the order
+    the shim resumes a block's threads in, ``threads`` its worker count."""
     return SimBackend(schedule, seed, threads, **module_options)
 
 
@@ -136,7 +139,7 @@ def route_topk(choice: torch.Tensor, k: int, n_groups: int | None = None, topk_g
     if group_mode not in GROUP_MODES:
         raise ValueError(f"group_mode must be one of {GROUP_MODES}, got {group_mode!r}")
     if groups > 1 and group_mode == "top2" and n_experts // groups < 2:
-        raise ValueError(f'group_mode="top2" needs at least 2 experts per group, got E/n_groups={n_experts // groups}')
+        raise ValueError(f'group_mode="top2" needs >= 2 experts per group, got n_groups={groups} for E={n_experts}')
     _int_arg("k", k, 1, keep_groups * (n_experts // groups))
     ids = torch.empty((rows, k), dtype=torch.int64, device=choice.device)
     nan_count = torch.zeros(1, dtype=torch.int32, device=choice.device)
@@ -179,7 +182,8 @@ class _Pass:
         ))  # fmt: skip
 
     def run(self, in_order: torch.Tensor | None, by: int, n_experts: int, *, shift: int = 0, mode: int = MODE_SCATTER,
-            capacity: int = 0, inverse: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:  # fmt: skip
+            capacity: int = 0, inverse: bool = False
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:  # fmt: skip
         """Count, scan, then scatter (-> new order, inverse if asked) or mark kept slots (capacity).
         Returns ``(order, inverse, starts)`` with ``starts [buckets]`` the first position of each bucket."""
         cursor = torch.zeros(self.buckets * self.tiles, dtype=torch.int64, device=self.device)
@@ -216,7 +220,8 @@ def route_tables(expert_ids: torch.Tensor, n_experts: int, capacity: int | None 
     E = _int_arg("n_experts", n_experts, 1, 2**31 - 2)
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
-    cap = None if capacity is None else _int_arg("capacity", capacity, 0)
+    n = expert_ids.numel()
+    cap = None if capacity is None else min(_int_arg("capacity", capacity, 0), n)  # C >= T*k keeps everything
     use_priority = cap is not None and drop_policy == "probs"
     if use_priority:
         if priority is None:
@@ -227,7 +232,6 @@ def route_tables(expert_ids: torch.Tensor, n_experts: int, capacity: int | None 
         if priority.device != expert_ids.device:
             raise ValueError(f"priority is on {priority.device}, expert_ids on {expert_ids.device}")
     device = expert_ids.device
-    n = expert_ids.numel()
     flat_ids = expert_ids.view(-1)
     in_range = (flat_ids >= 0) & (flat_ids < E)
     # counts on the device (saturating at 2^31 - 1, like route_topk's nan_count)
@@ -244,8 +248,8 @@ def route_tables(expert_ids: torch.Tensor, n_experts: int, capacity: int | None 
     be = _backend(expert_ids, backend)
     kept = in_range if cap is None else torch.empty(n, dtype=torch.bool, device=device)
     ids_arg, kept_arg = be.plain(flat_ids), be.plain(kept)
-    prio_arg = be.bits(priority.view(-1) if use_priority and priority is not None else torch.zeros(1, dtype=torch.float32,
-                       device=device), "unsigned int")  # fmt: skip
+    prio = priority if use_priority and priority is not None else torch.zeros(1, dtype=torch.float32, device=device)
+    prio_arg = be.bits(prio.view(-1), "unsigned int")
     experts = _Pass(be, n, E + 1, device, ids_arg, prio_arg, kept_arg)  # bucket E: out-of-range / dropped
     if cap is not None:
         order = None
