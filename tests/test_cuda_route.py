@@ -468,3 +468,36 @@ def test_on_gpu_equals_reference():
         got = cr.route_tables(ids.cuda(), 256, cap, policy, prio.cuda())
         assert all(t.device.type == "cuda" for t in got)
         check_tables(cr.RouteTables(*(t.cpu() for t in got)), ids, 256, cap, policy, prio)
+
+
+# ------------------------------------------------------------------------------ at the scale
+@pytest.mark.slow
+def test_full_scale_route(forward):
+    # T = 262144 tokens, E = 256, k = 8 (2M slots, ~7300 warp tiles), tie-heavy; vectorised torch references
+    T, E, k = 262144, 256, 8
+    x = make_scores("ties", (T, E), seed=99)
+    ids, nan_count = cr.route_topk(x, k, backend=forward)
+    assert torch.equal(ids, torch.sort(x + 0.0, dim=1, descending=True, stable=True).indices[:, :k])
+    assert int(nan_count) == 0
+    flat = ids.reshape(-1)
+    got = cr.route_tables(ids, E, backend=forward)
+    assert torch.equal(got.order, torch.argsort(flat, stable=True))
+    assert torch.equal(got.counts, torch.bincount(flat, minlength=E))
+    cap = T * k // E // 2
+    got = cr.route_tables(ids, E, cap, "position", backend=forward)
+    by_expert = torch.argsort(flat, stable=True)
+    starts = torch.cumsum(torch.bincount(flat, minlength=E), 0) - torch.bincount(flat, minlength=E)
+    rank = torch.empty_like(flat)
+    rank[by_expert] = torch.arange(flat.numel()) - starts[flat[by_expert]]
+    kept = rank < cap
+    assert torch.equal(got.kept.reshape(-1), kept)
+    assert torch.equal(got.order, torch.argsort(torch.where(kept, flat, E), stable=True))
+    assert torch.equal(got.order[got.inverse], torch.arange(flat.numel()))
+    prio = torch.gather(x, 1, ids)  # the chosen scores: many ties, -inf among them
+    got = cr.route_tables(ids, E, cap, "probs", prio, backend=forward)
+    by_prio = torch.sort(prio.reshape(-1) + 0.0, descending=True, stable=True).indices
+    by_expert = by_prio[torch.argsort(flat[by_prio], stable=True)]  # expert, then priority, then slot
+    rank[by_expert] = torch.arange(flat.numel()) - starts[flat[by_expert]]
+    kept = rank < cap
+    assert torch.equal(got.kept.reshape(-1), kept)
+    assert torch.equal(got.order, torch.argsort(torch.where(kept, flat, E), stable=True))
