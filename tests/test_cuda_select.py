@@ -334,7 +334,11 @@ def test_gpu_backend_without_cupy_says_what_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_cupy)
+    from sparsekit._cuda import CupyBackend
+
     with pytest.raises(ImportError, match=r"pip install 'sparsekit\[cuda\]'"):
+        CupyBackend("select", cs.NAME_EXPRESSIONS, torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
         cs.topk_masks([torch.ones(4)], 1, "abs")
 
 

@@ -122,8 +122,6 @@ class CupyBackend:
 
     def __init__(self, family: str, name_expressions: tuple[str, ...], device: torch.device) -> None:
         self.cupy = import_cupy()
-        if device.type != "cuda":
-            raise ValueError(f"the CUDA path needs CUDA tensors (or sparsekit.testing.simulated_cuda()), got {device}")
         self.family, self.name_expressions = family, name_expressions
         self.device = device
         self.index = device.index if device.index is not None else torch.cuda.current_device()
@@ -228,4 +226,9 @@ def backend_for(family: str, name_expressions: tuple[str, ...], t: torch.Tensor,
     sim = ACTIVE_SIMULATION.get()
     if sim is not None and t.device.type == "cpu":
         return sim.backend(family, name_expressions)
+    if t.device.type != "cuda":
+        raise ValueError(
+            f"sparsekit's CUDA path ({family}) needs CUDA tensors, got a {t.device.type} tensor "
+            "(CPU tensors take it only inside sparsekit.testing.simulated_cuda())"
+        )
     return CupyBackend(family, name_expressions, t.device)

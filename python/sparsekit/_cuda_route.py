@@ -1,5 +1,5 @@
 """Mixture-of-Experts routing on CUDA tensors: launch code for ``cuda/route.cu``, written once against a
-backend (as ``sparsekit._cuda_select``): :class:`CupyBackend` on a GPU (``cupy.RawModule`` on torch's
+backend (``sparsekit._cuda``, as ``sparsekit._cuda_select``): ``CupyBackend`` on a GPU (``cupy.RawModule`` on torch's
 current stream, tensors by DLPack), :func:`sim_backend` on the CPU shim for the tests, so the tests run
 the very code users run.
 
@@ -31,8 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from . import _cuda_select as _cs
-from ._cuda import compile_options, get_function, kernel_source
+from ._cuda import Backend, SimBackend, backend_for
 
 THREADS = 256  # threads per block of both kernels
 MAX_TOPK_GRID = 65535  # route_topk blocks at most (grid-stride over rows)
@@ -60,43 +59,14 @@ class RouteTables(NamedTuple):
     nan_count: torch.Tensor  # [1] int32: NaN priorities (0 when priority is None)
 
 
-class CupyBackend(_cs.CupyBackend):
-    """:class:`sparsekit._cuda_select.CupyBackend` launching the kernels of ``route.cu``."""
-
-    def launch(self, name: str, grid: int, block: int, args: tuple[Any, ...]) -> None:
-        kernel = get_function("route", NAME_EXPRESSIONS, self.index, name)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        with self.cupy.cuda.Device(self.index), self.cupy.cuda.ExternalStream(stream):
-            kernel((grid,), (block,), tuple(self._to_cupy(a) for a in args))
+def sim_backend(schedule: str = "forward", seed: int = 0, threads: int | None = None, race_check: bool = False) -> SimBackend:
+    """The routing kernels on the CPU shim (tests): ``schedule`` ("forward", "reverse", "random" with
+    ``seed``) is the order the shim resumes a block's threads in, ``threads`` its worker count."""
+    return SimBackend("route", NAME_EXPRESSIONS, schedule, seed, threads, race_check)
 
 
-class SimBackend(_cs.SimBackend):
-    """The kernels of ``route.cu`` on the CPU through the fiber shim (tests): tensors are CPU tensors.
-    ``module_options`` go to ``SimRawModule`` as they are (e.g. a race-check switch)."""
-
-    def __init__(self, schedule: str = "forward", seed: int = 0, threads: int | None = None,
-                 **module_options: Any) -> None:  # fmt: skip
-        from ._cudasim import SimRawModule
-
-        self.module = SimRawModule(
-            kernel_source("route"), compile_options(), NAME_EXPRESSIONS, schedule=schedule, seed=seed,
-            threads=threads, **module_options,
-        )  # fmt: skip
-
-
-def sim_backend(schedule: str = "forward", seed: int = 0, threads: int | None = None,
-                **module_options: Any) -> SimBackend:  # fmt: skip
-    """A :class:`SimBackend`: ``schedule`` ("forward", "reverse", "random" with ``seed``) is the order
-    the shim resumes a block's threads in, ``threads`` its worker count."""
-    return SimBackend(schedule, seed, threads, **module_options)
-
-
-def _backend(t: torch.Tensor, backend: Any) -> Any:
-    if backend is not None:
-        return backend
-    if t.device.type != "cuda":
-        raise ValueError(f"sparsekit._cuda_route needs CUDA tensors (got a {t.device.type} tensor and no backend)")
-    return CupyBackend(t.device)
+def _backend(t: torch.Tensor, backend: Backend | None) -> Backend:
+    return backend_for("route", NAME_EXPRESSIONS, t, backend)
 
 
 def _int_arg(name: str, v: Any, lo: int, hi: int | None = None) -> int:
@@ -265,4 +235,4 @@ def route_tables(expert_ids: torch.Tensor, n_experts: int, capacity: int | None 
     return RouteTables(final, inverse, counts, starts, kept.view(expert_ids.shape), invalid, nan_count)
 
 
-__all__ = ["CupyBackend", "RouteTables", "SimBackend", "route_tables", "route_topk", "sim_backend"]
+__all__ = ["RouteTables", "route_tables", "route_topk", "sim_backend"]
