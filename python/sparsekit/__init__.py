@@ -9,7 +9,7 @@ variable (default: all cores) or :func:`set_num_threads`; it is rebuilt in forke
 (DataLoader workers), so forking is safe.
 """
 
-from . import _core
+from . import _core, comm, moe, sparsity
 from .select import block_topk_mask, global_topk_masks, kth_largest, nm_mask, quantile, topk_mask
 
 __version__: str = _core.__version__

@@ -68,3 +68,18 @@ def get_num_threads() -> int:
 
 def build_profile() -> str:
     """"release" or "debug"."""
+
+# ---- routing (rust/sparsekit-py/src/routing.rs) ----
+# (end of routing)
+
+# ---- balance (rust/sparsekit-py/src/balance.rs) ----
+# (end of balance)
+
+# ---- comm (rust/sparsekit-py/src/comm.rs) ----
+# (end of comm)
+
+# ---- spmm (rust/sparsekit-py/src/spmm.rs) ----
+# (end of spmm)
+
+# ---- sparsity (rust/sparsekit-py/src/sparsity.rs) ----
+# (end of sparsity)

@@ -3,13 +3,20 @@
 //!
 //! Layout (one module per capability; coming parts take their place beside `select`):
 //! - [`select`]: exact top-k / order statistics / N:M and block masks over many slices at once.
-//! - `routing` (MoE routing tables), `balance` (load-balance counters), `schedule` (gradient
-//!   communication scheduler) and `spmm` (CPU block-sparse GEMM) are planned siblings.
+//! - [`routing`]: MoE routing tables; [`balance`]: load-balance counters.
+//! - [`comm`]: gradient communication planner (buckets, size classes, shards).
+//! - [`spmm`]: CPU block-sparse GEMM; [`sparsity`]: dynamic sparse training mask updates.
 //! - [`pool`]: the rayon thread pool every parallel routine runs in (sized by `SPARSEKIT_NUM_THREADS`,
 //!   rebuilt after `fork`).
 
 pub mod error;
 pub mod pool;
 pub mod select;
+
+pub mod balance;
+pub mod comm;
+pub mod routing;
+pub mod sparsity;
+pub mod spmm;
 
 pub use error::CoreError;

@@ -2,8 +2,13 @@
 //! algorithm lives here.
 
 mod arrays;
+mod balance;
+mod comm;
 mod error;
+mod routing;
 mod select;
+mod sparsity;
+mod spmm;
 
 use pyo3::prelude::*;
 
@@ -37,5 +42,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
+    // One register() per core module, each in its own file.
+    routing::register(m)?;
+    balance::register(m)?;
+    comm::register(m)?;
+    spmm::register(m)?;
+    sparsity::register(m)?;
     Ok(())
 }

@@ -1,0 +1,1 @@
+"""Gradient communication over torch.distributed: bucket plans, GradientSync, compression."""

@@ -1,0 +1,1 @@
+"""Mixture of Experts: routing plans, dispatch/combine, the MoE layer, load balancing."""

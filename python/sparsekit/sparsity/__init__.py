@@ -1,0 +1,1 @@
+"""Dynamic sparse training: DynamicSparsity, schedules, distributions."""

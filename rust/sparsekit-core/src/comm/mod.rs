@@ -1,0 +1,1 @@
+//! Gradient communication planner: buckets, size classes, ready order, priorities, shard assignment.

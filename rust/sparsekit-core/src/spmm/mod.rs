@@ -1,0 +1,1 @@
+//! CPU block-sparse GEMM: BSR layout, transpose metadata, SIMD micro-kernels (DSD, SDD).

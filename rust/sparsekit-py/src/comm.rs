@@ -1,0 +1,8 @@
+//! Bindings of `sparsekit_core::comm`.
+
+use pyo3::prelude::*;
+
+/// Adds this module's functions to `sparsekit._core`.
+pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+    Ok(())
+}
