@@ -1,27 +1,40 @@
-"""python -m sparsekit {info,demo}: sparsekit's command line."""
+"""python -m sparsekit {demo,bench,info}: sparsekit's command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .cli import demo, info
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sparsekit", description="sparsekit: exact selection and sparse-training building blocks for PyTorch."
+        prog="python -m sparsekit",
+        description="sparsekit: sparse and Mixture-of-Experts training building blocks for PyTorch, with a Rust core.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from . import demo
+
+    demo_parser = sub.add_parser(
+        "demo",
+        help="train a small MoE language model dense, sparse and unbalanced on the standard library's source",
+        description=(demo.__doc__ or "").split("\n\n")[0],
+    )
+    demo.add_arguments(demo_parser)
+    bench_parser = sub.add_parser("bench", help="every capability against its usual alternative, one table of speed-ups")
+    bench_parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every case")
+    bench_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    bench_parser.add_argument("--only", nargs="+", metavar="CAPABILITY", help="run only these capabilities")
     sub.add_parser("info", help="version, build profile, threads, CUDA availability")
-    demo_parser = sub.add_parser("demo", help="exact selection on a model-sized set of tensors, checked and timed")
-    demo_parser.add_argument("--numel", type=int, default=1 << 24, help="total elements across tensors")
-    demo_parser.add_argument("--tensors", type=int, default=32, help="number of tensors")
-    demo_parser.add_argument("--density", type=float, default=0.1, help="fraction kept")
     args = parser.parse_args(argv)
     if args.command == "info":
+        from .cli import info
+
         return info()
-    return demo(numel=args.numel, tensors=args.tensors, density=args.density)
+    if args.command == "bench":
+        from . import bench
+
+        return bench.run(quick=args.quick, as_json=args.json, only=args.only)
+    return demo.run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""``python -m sparsekit bench``: each capability against the tool a user would otherwise pick, in one run.
+
+Every case times sparsekit and its baseline on the same data in the same process (median of ``repeats``
+runs after one warm-up), checks that both give the same answer, and reports the ratio baseline / sparsekit
+(> 1: sparsekit is faster). The full benchmark suites, with more shapes and statistics, live in
+``benches/`` of the repository (pytest-benchmark and ``cargo bench``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from . import __version__, get_num_threads
+
+
+@dataclass
+class Case:
+    """One benchmark: what is measured, against what, and the medians."""
+
+    capability: str
+    name: str
+    baseline: str
+    ours_ms: float
+    baseline_ms: float
+    agree: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.baseline_ms / self.ours_ms if self.ours_ms > 0 else float("inf")
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (allocations, lazy compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _case(capability: str, name: str, baseline: str, ours: Callable[[], object], theirs: Callable[[], object],
+          agree: Callable[[object, object], bool], repeats: int) -> Case:
+    ok = bool(agree(ours(), theirs()))
+    return Case(capability, name, baseline, _median_ms(ours, repeats), _median_ms(theirs, repeats), ok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cases, one function per capability; each takes the size scale (1.0 full, small for --quick)
+
+
+def select_cases(scale: float, repeats: int) -> list[Case]:
+    from .select import global_topk_masks, quantile
+
+    gen = torch.Generator().manual_seed(0)
+    n = max(1 << 12, int((1 << 24) * scale))
+    tensors = [torch.randn(n // 32, generator=gen) for _ in range(32)]
+    k = n // 10
+
+    def torch_global() -> list[torch.Tensor]:
+        flat = torch.cat([t.abs().reshape(-1) for t in tensors])
+        idx = torch.topk(flat, k, sorted=False).indices
+        mask = torch.zeros(flat.numel(), dtype=torch.bool)
+        mask[idx] = True
+        return list(mask.split([t.numel() for t in tensors]))
+
+    def same_count(a: object, b: object) -> bool:
+        return sum(int(m.sum()) for m in a) == sum(int(m.sum()) for m in b) == k  # type: ignore[attr-defined]
+
+    x = torch.cat(tensors)
+    return [
+        _case("select", f"global top-10% of 32 tensors, {n:,} floats", "torch cat + topk",
+              lambda: global_topk_masks(tensors, k=k), torch_global, same_count, repeats),
+        _case("select", f"quantile 0.9 of {n:,} floats", "torch.quantile",
+              lambda: quantile(x, 0.9), lambda: torch.quantile(x, 0.9), lambda a, b: bool(torch.equal(a, b)), repeats),  # type: ignore[arg-type]
+    ]
+
+
+CAPABILITIES: dict[str, Callable[[float, int], list[Case]]] = {"select": select_cases}
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "sparsekit_threads": get_num_threads(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "sparsekit": __version__,
+    }
+
+
+def run(quick: bool = False, as_json: bool = False, only: list[str] | None = None) -> int:
+    """Run every case (or those of ``only``) and print the table (or JSON)."""
+    scale, repeats = (1 / 64, 3) if quick else (1.0, 5)
+    names = only or list(CAPABILITIES)
+    unknown = [n for n in names if n not in CAPABILITIES]
+    if unknown:
+        print(f"bench: unknown capability {unknown[0]!r}; choose from {', '.join(CAPABILITIES)}")
+        return 2
+    cases = [case for n in names for case in CAPABILITIES[n](scale, repeats)]
+    info = machine()
+    if as_json:
+        print(json.dumps({"machine": info, "cases": [dict(asdict(c), ratio=c.ratio) for c in cases]}, indent=1))
+    else:
+        print(", ".join(f"{k}: {v}" for k, v in info.items()))
+        print(format_table(cases))
+    return 0 if all(c.agree for c in cases) else 1
+
+
+def format_table(cases: list[Case]) -> str:
+    """Markdown table of the cases (the README's performance table is this output)."""
+    rows = ["| capability | case | baseline | sparsekit ms | baseline ms | speed-up | same answer |", "|---|---|---|---:|---:|---:|---|"]
+    for c in cases:
+        rows.append(f"| {c.capability} | {c.name} | {c.baseline} | {c.ours_ms:.2f} | {c.baseline_ms:.2f} | {c.ratio:.2f}x | {'yes' if c.agree else 'NO'} |")
+    return "\n".join(rows)
