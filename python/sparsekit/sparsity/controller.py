@@ -250,7 +250,10 @@ class DynamicSparsity:
             for layer in self.layers:
                 if id(layer.param) not in owned:
                     raise ValueError(f"optimizer does not own parameter {layer.name!r}")
-            self._hook = optimizer.register_step_post_hook(lambda *_: self.apply())
+            self._hooks = [
+                optimizer.register_step_pre_hook(lambda *_: self._mask_grads()),
+                optimizer.register_step_post_hook(lambda *_: self.apply()),
+            ]
         self.generator = torch.Generator().manual_seed(int(seed))
         self.step_count = 0
         self.last_changed: dict[str, float] = {}
@@ -366,11 +369,19 @@ class DynamicSparsity:
         params = [layer.param.data for layer in self.layers]
         torch._foreach_mul_(params, [self._float_masks[layer.name] for layer in self.layers])
 
+    @torch.no_grad()
+    def _mask_grads(self) -> None:
+        """Zero the gradients of masked weights before ``optimizer.step`` (a pre-step hook), so no
+        optimizer state ever builds up there: a masked weight cannot be revived by a stale moment."""
+        pairs = [(layer.param.grad, self._float_masks[layer.name]) for layer in self.layers if layer.param.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m.to(g.dtype) if m.dtype != g.dtype else m for g, m in pairs])
+
     # --------------------------------------------------------------------------------------- step
     def step(self) -> bool:
         """Advance one training step; update the masks when due. Returns whether they were updated.
 
-        Call after ``backward()`` and before ``optimizer.step()``.
+        Call after ``backward()`` and before ``optimizer.step()``. Between updates it only counts.
         """
         self.step_count += 1
         t = self.step_count
@@ -583,7 +594,8 @@ class DynamicSparsity:
     def remove(self) -> None:
         """Detach the optimizer hook (masks stay as they are)."""
         if self.optimizer is not None:
-            self._hook.remove()
+            for hook in self._hooks:
+                hook.remove()
 
     def __repr__(self) -> str:
         return (
