@@ -260,7 +260,6 @@ class DynamicSparsity:
         self.updates = 0
         self.skipped_updates = 0
         self.masks: dict[str, torch.Tensor] = {}
-        self._float_masks: dict[str, torch.Tensor] = {}
         if infer_masks:
             for layer in self.layers:
                 self.masks[layer.name] = layer.param.detach() != 0
@@ -346,11 +345,8 @@ class DynamicSparsity:
 
     # -------------------------------------------------------------------------------------- apply
     def _refresh(self, reset_state: bool, old: dict[str, torch.Tensor] | None = None) -> None:
-        """Cache float masks, zero masked weights, and zero the optimizer state outside the masks."""
-        self._float_masks = {}
-        for layer in self.layers:
-            mask = self.masks[layer.name]
-            self._float_masks[layer.name] = mask.to(layer.param.dtype)
+        """Cache the inverted masks, zero masked weights, and zero the optimizer state outside the masks."""
+        self._off = {layer.name: ~self.masks[layer.name] for layer in self.layers}
         self.apply()
         if reset_state and self.optimizer is not None:
             for layer in self.layers:
@@ -366,16 +362,16 @@ class DynamicSparsity:
     def apply(self) -> None:
         """Re-zero the masked weights (called after every ``optimizer.step`` by a hook; call it after
         touching the weights yourself)."""
-        params = [layer.param.data for layer in self.layers]
-        torch._foreach_mul_(params, [self._float_masks[layer.name] for layer in self.layers])
+        for layer in self.layers:
+            layer.param.data.masked_fill_(self._off[layer.name], 0)
 
     @torch.no_grad()
     def _mask_grads(self) -> None:
         """Zero the gradients of masked weights before ``optimizer.step`` (a pre-step hook), so no
         optimizer state ever builds up there: a masked weight cannot be revived by a stale moment."""
-        pairs = [(layer.param.grad, self._float_masks[layer.name]) for layer in self.layers if layer.param.grad is not None]
-        if pairs:
-            torch._foreach_mul_([g for g, _ in pairs], [m.to(g.dtype) if m.dtype != g.dtype else m for g, m in pairs])
+        for layer in self.layers:
+            if layer.param.grad is not None:
+                layer.param.grad.masked_fill_(self._off[layer.name], 0)
 
     # --------------------------------------------------------------------------------------- step
     def step(self) -> bool:
@@ -413,20 +409,28 @@ class DynamicSparsity:
 
     @torch.no_grad()
     def _update(self, t: int) -> None:
-        old = {k: v.clone() for k, v in self.masks.items()}
+        old = dict(self.masks)  # masks are replaced by new tensors, never written in place
         if self.structure is not None and self.structure[0] == "nm":
             self._update_nm()
         else:
             self._update_units(t)
         self.updates += 1
-        self.last_changed = {
-            k: float((self.masks[k] != old[k]).sum()) / max(1, self.masks[k].numel()) for k in self.masks
-        }
         if self._distributed():
             self._broadcast_masks()
-        for layer in self.layers:  # regrown connections start at zero
-            grown = self.masks[layer.name] & ~old[layer.name]
-            layer.param.data.masked_fill_(grown, 0)
+        self.last_changed = {}
+        for layer in self.layers:
+            new, before = self.masks[layer.name], old[layer.name]
+            n = max(1, new.numel())
+            if self.method == "magnitude" and self.structure is None:  # prune only: new is a subset of old
+                self.last_changed[layer.name] = (int(torch.count_nonzero(before)) - int(torch.count_nonzero(new))) / n
+                continue
+            grown = new & ~before
+            n_grown = int(torch.count_nonzero(grown))
+            if n_grown:
+                layer.param.data.masked_fill_(grown, 0)  # regrown connections start at zero
+            # |old \ new| = |old| - |new| + |new \ old|
+            changed = int(torch.count_nonzero(before)) - int(torch.count_nonzero(new)) + 2 * n_grown
+            self.last_changed[layer.name] = changed / n
         self._refresh(reset_state=True, old=old)
         if self.on_update is not None:
             self.on_update(self.stats())
@@ -450,11 +454,8 @@ class DynamicSparsity:
         counts = self._counts(density)
         active = [layer.units_of(self.masks[layer.name]) for layer in self.layers]
         if self.method == "magnitude":  # prune only: keep the largest |w| among the active units
-            scores = [
-                torch.where(a, layer.unit_scores(layer.param), _NEG) for a, layer in zip(active, self.layers)
-            ]
             counts = self._cap(counts, active)
-            new = self._select(scores, counts)
+            new = self._keep_top(active, counts)
         elif self.method == "gradient_topk":
             new = self._select([layer.unit_scores(self._grad(layer)) for layer in self.layers], counts)
         else:
@@ -462,11 +463,41 @@ class DynamicSparsity:
         for layer, u in zip(self.layers, new):
             self.masks[layer.name] = layer.expand(u)
 
+    def _keep_top(self, active: list[torch.Tensor], counts: list[int] | int) -> list[torch.Tensor]:
+        """The ``counts`` largest-|w| units among the active ones. Masked weights are exactly zero, so
+        while enough active weights are nonzero the weights are ranked in place (by |w|, zero-copy);
+        otherwise inactive units are excluded explicitly."""
+        if all(layer.block is None for layer in self.layers) and len({layer.param.dtype for layer in self.layers}) == 1:
+            nnz = [int(torch.count_nonzero(layer.param.detach())) for layer in self.layers]
+            enough = sum(nnz) >= counts if isinstance(counts, int) else all(z >= k for z, k in zip(nnz, counts))
+            if enough:
+                ws = [layer.param.detach().reshape(-1) for layer in self.layers]
+                if isinstance(counts, int):
+                    return global_topk_masks(ws, k=counts, by="abs")
+                return [topk_mask(w, k, by="abs") for w, k in zip(ws, counts)]
+        scores = [torch.where(a, layer.unit_scores(layer.param), _NEG) for a, layer in zip(active, self.layers)]
+        return self._select(scores, counts)
+
+    def _grow_by_grad(self, kept: list[torch.Tensor], grow_k: list[int] | int) -> list[torch.Tensor] | None:
+        """RigL's grow step ranked on the gradients with the kept units zeroed (one pass, then |g| in
+        place); None when too few nonzero candidates remain (then the explicit path runs)."""
+        cands = [self._grad(layer).detach().reshape(-1).masked_fill(kp, 0) for layer, kp in zip(self.layers, kept)]
+        if len({c.dtype for c in cands}) != 1:
+            return None
+        nnz = [int(torch.count_nonzero(c)) for c in cands]
+        if isinstance(grow_k, int):
+            if sum(nnz) < grow_k:
+                return None
+            return global_topk_masks(cands, k=grow_k, by="abs")
+        if any(z < k for z, k in zip(nnz, grow_k)):
+            return None
+        return [topk_mask(c, k, by="abs") for c, k in zip(cands, grow_k)]
+
     def _cap(self, counts: list[int] | int, active: list[torch.Tensor]) -> list[int] | int:
         """Prune-only: never more than what is active."""
         if isinstance(counts, int):
-            return min(counts, int(sum(int(a.sum()) for a in active)))
-        return [min(k, int(a.sum())) for k, a in zip(counts, active)]
+            return min(counts, int(sum(int(torch.count_nonzero(a)) for a in active)))
+        return [min(k, int(torch.count_nonzero(a))) for k, a in zip(counts, active)]
 
     def _drop_grow(self, t: int, counts: list[int] | int, active: list[torch.Tensor]) -> list[torch.Tensor]:
         frac = self.schedule.fraction(t)
@@ -479,20 +510,27 @@ class DynamicSparsity:
             keep_scores = [layer.unit_scores(r) if layer.block else r.reshape(-1) for r, layer in zip(raw, self.layers)]
         else:
             keep_scores = [layer.unit_scores(layer.param) for layer in self.layers]
-        n_active = [int(a.sum()) for a in active]
+        n_active = [int(torch.count_nonzero(a)) for a in active]
         if isinstance(counts, int):
             kept_total = min(counts, sum(n_active))
             keep_k: list[int] | int = kept_total - int(math.floor(frac * kept_total + 0.5))
         else:
             keep_k = [min(k, na) - int(math.floor(frac * min(k, na) + 0.5)) for k, na in zip(counts, n_active)]
-        kept = self._select([torch.where(a, s, _NEG) for a, s in zip(active, keep_scores)], keep_k)
+        if self.method == "custom":
+            kept = self._select([torch.where(a, s, _NEG) for a, s in zip(active, keep_scores)], keep_k)
+        else:
+            kept = self._keep_top(active, keep_k)
         if self.method == "rigl":
-            grow_src = [layer.unit_scores(self._grad(layer)) for layer in self.layers]
+            grow_src = [layer.unit_scores(self._grad(layer)) for layer in self.layers]  # blocks, or too few candidates
         elif self.method == "set":
             grow_src = [torch.rand(layer.units, generator=self.generator).to(layer.param.device) for layer in self.layers]
         else:
             grow_src = keep_scores
         grow_k = counts - keep_k if isinstance(counts, int) else [k - kk for k, kk in zip(counts, keep_k)]  # type: ignore[operator]
+        if self.method == "rigl" and all(layer.block is None for layer in self.layers):
+            fast = self._grow_by_grad(kept, grow_k)
+            if fast is not None:
+                return [kp | g for kp, g in zip(kept, fast)]
         grown = self._select([torch.where(kp, _NEG, s) for kp, s in zip(kept, grow_src)], grow_k)
         return [kp | g for kp, g in zip(kept, grown)]
 
@@ -521,7 +559,7 @@ class DynamicSparsity:
     # ------------------------------------------------------------------------------------- queries
     def density(self) -> float:
         """Overall density of the masks (kept / total elements)."""
-        kept = sum(int(m.sum()) for m in self.masks.values())
+        kept = sum(int(torch.count_nonzero(m)) for m in self.masks.values())
         return kept / max(1, sum(m.numel() for m in self.masks.values()))
 
     @property
@@ -540,7 +578,7 @@ class DynamicSparsity:
         for layer in self.layers:
             n = layer.param.numel()
             dense_flops += n
-            sparse_flops += float(self.masks[layer.name].sum())
+            sparse_flops += float(torch.count_nonzero(self.masks[layer.name]))
         return {
             "step": self.step_count,
             "updates": self.updates,
