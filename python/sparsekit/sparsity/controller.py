@@ -80,6 +80,16 @@ def erk_counts(shapes: list[tuple[int, ...]], density: float, erk_power: float =
 class _Layer:
     """One sparsified parameter and its unit grid (elements, N:M groups or blocks)."""
 
+    name: str
+    param: torch.Tensor
+    shape: tuple[int, ...]
+    kind: str
+    block: tuple[int, int] | None
+    nm: tuple[int, int] | None
+    matrix: tuple[int, int]
+    units: int
+    grid: tuple[int, int] | None
+
     def __init__(self, name: str, param: torch.Tensor, structure: Any) -> None:
         self.name = name
         self.param = param
@@ -147,8 +157,8 @@ def _check_density(value: object, arg: str = "density") -> float:
     return d
 
 
-def _default_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    out = []
+def _default_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    out: list[tuple[str, torch.Tensor]] = []
     for mname, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.weight is not None:
             out.append((f"{mname}.weight" if mname else "weight", mod.weight))
@@ -187,6 +197,26 @@ class DynamicSparsity:
         infer_masks: take the masks from the parameters' zeros (an already-sparse checkpoint).
         on_update: optional logging hook called with :meth:`stats` after every mask update.
     """
+
+    target: float
+    method: str
+    score_fn: ScoreFn | None
+    schedule: Schedule
+    distribution: str
+    structure: Any
+    update_every: int
+    on_update: Callable[[dict[str, Any]], None] | None
+    layers: list[_Layer]
+    optimizer: torch.optim.Optimizer | None
+    generator: torch.Generator
+    step_count: int
+    updates: int
+    skipped_updates: int
+    masks: dict[str, torch.Tensor]
+    last_changed: dict[str, float]
+    _hooks: list[Any]
+    _off: dict[str, torch.Tensor]
+    _modules: dict[str, nn.Module]
 
     def __init__(
         self,
@@ -526,7 +556,7 @@ class DynamicSparsity:
             grow_src = [torch.rand(layer.units, generator=self.generator).to(layer.param.device) for layer in self.layers]
         else:
             grow_src = keep_scores
-        grow_k = counts - keep_k if isinstance(counts, int) else [k - kk for k, kk in zip(counts, keep_k)]  # type: ignore[operator]
+        grow_k = counts - keep_k if isinstance(counts, int) else [k - kk for k, kk in zip(counts, keep_k)]  # type: ignore[operator,arg-type]
         if self.method == "rigl" and all(layer.block is None for layer in self.layers):
             fast = self._grow_by_grad(kept, grow_k)
             if fast is not None:
@@ -567,7 +597,7 @@ class DynamicSparsity:
         """With block structure: name -> ``[rows/bh, cols/bw]`` bool block mask (for block-sparse matrices)."""
         if self.structure is None or self.structure[0] != "block":
             raise ValueError("block_masks needs structure=('block', (bh, bw))")
-        return {layer.name: layer.units_of(self.masks[layer.name]).reshape(layer.grid) for layer in self.layers}
+        return {layer.name: layer.units_of(self.masks[layer.name]).reshape(layer.grid or ()) for layer in self.layers}
 
     def stats(self) -> dict[str, Any]:
         """Per-layer density, fraction of each mask changed at the last update, overall density and the

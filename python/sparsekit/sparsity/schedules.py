@@ -109,6 +109,10 @@ class Cubic(Schedule):
     for ``t0 <= t <= t1`` (``s_i = 1 - initial_density``, ``s_f = 1 - target``), ``s_i`` before ``t0``,
     ``s_f`` after ``t1``."""
 
+    begin: int
+    end: int
+    initial_density: float
+
     def __init__(
         self, begin: int, end: int, initial_density: float = 1.0, alpha: float = 0.3, t_end: int | None = None,
         decay: str = "cosine",
