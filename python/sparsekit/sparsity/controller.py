@@ -196,6 +196,10 @@ class DynamicSparsity:
         include: optional predicate ``(name, param) -> bool`` filtering the parameters of a module.
         infer_masks: take the masks from the parameters' zeros (an already-sparse checkpoint).
         on_update: optional logging hook called with :meth:`stats` after every mask update.
+        rezero_after_step: also re-zero masked weights after every ``optimizer.step`` (a post-step hook).
+            Not needed for SGD/Adam/AdamW/RMSprop/Adagrad: their gradients are masked before the step
+            (pre-step hook) and their state is zero there, so masked weights stay exactly zero; turn it
+            on for an optimizer that moves weights with zero gradient and zero state.
     """
 
     target: float
@@ -216,6 +220,7 @@ class DynamicSparsity:
     last_changed: dict[str, float]
     _hooks: list[Any]
     _off: dict[str, torch.Tensor]
+    _keep: dict[str, torch.Tensor]
     _modules: dict[str, nn.Module]
 
     def __init__(
@@ -233,6 +238,7 @@ class DynamicSparsity:
         include: Callable[[str, torch.Tensor], bool] | None = None,
         infer_masks: bool = False,
         on_update: Callable[[dict[str, Any]], None] | None = None,
+        rezero_after_step: bool = False,
     ) -> None:
         self.target = _check_density(density)
         if callable(method):
@@ -280,10 +286,9 @@ class DynamicSparsity:
             for layer in self.layers:
                 if id(layer.param) not in owned:
                     raise ValueError(f"optimizer does not own parameter {layer.name!r}")
-            self._hooks = [
-                optimizer.register_step_pre_hook(lambda *_: self._mask_grads()),
-                optimizer.register_step_post_hook(lambda *_: self.apply()),
-            ]
+            self._hooks = [optimizer.register_step_pre_hook(lambda *_: self._mask_grads())]
+            if rezero_after_step:
+                self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.apply()))
         self.generator = torch.Generator().manual_seed(int(seed))
         self.step_count = 0
         self.last_changed: dict[str, float] = {}
@@ -377,6 +382,7 @@ class DynamicSparsity:
     def _refresh(self, reset_state: bool, old: dict[str, torch.Tensor] | None = None) -> None:
         """Cache the inverted masks, zero masked weights, and zero the optimizer state outside the masks."""
         self._off = {layer.name: ~self.masks[layer.name] for layer in self.layers}
+        self._keep = {layer.name: self.masks[layer.name].to(layer.param.dtype) for layer in self.layers}
         self.apply()
         if reset_state and self.optimizer is not None:
             for layer in self.layers:
@@ -390,8 +396,8 @@ class DynamicSparsity:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Re-zero the masked weights (called after every ``optimizer.step`` by a hook; call it after
-        touching the weights yourself)."""
+        """Re-zero the masked weights (call it after touching the weights yourself; runs after every
+        ``optimizer.step`` with ``rezero_after_step=True``)."""
         for layer in self.layers:
             layer.param.data.masked_fill_(self._off[layer.name], 0)
 
@@ -399,9 +405,9 @@ class DynamicSparsity:
     def _mask_grads(self) -> None:
         """Zero the gradients of masked weights before ``optimizer.step`` (a pre-step hook), so no
         optimizer state ever builds up there: a masked weight cannot be revived by a stale moment."""
-        for layer in self.layers:
-            if layer.param.grad is not None:
-                layer.param.grad.masked_fill_(self._off[layer.name], 0)
+        pairs = [(layer.param.grad, self._keep[layer.name]) for layer in self.layers if layer.param.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [k if k.dtype == g.dtype else k.to(g.dtype) for g, k in pairs])
 
     # --------------------------------------------------------------------------------------- step
     def step(self) -> bool:
