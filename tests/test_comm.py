@@ -94,3 +94,48 @@ def test_world_size_one_noop():
     g = m.weight.grad.clone()
     s.finish()
     assert torch.equal(g, m.weight.grad)
+
+
+def test_pack_unpack_roundtrip():
+    from sparsekit.comm import pack_masked, unpack
+
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(5, 7, generator=g), torch.randn(11, generator=g)]
+    ms = [torch.rand(5, 7, generator=g) < 0.3, torch.rand(11, generator=g) < 0.5]
+    flat = pack_masked(ts, ms)
+    assert flat.numel() == sum(int(m.sum()) for m in ms)
+    out = [torch.empty_like(t) for t in ts]
+    unpack(flat, out, ms)
+    for t, m, o in zip(ts, ms, out):
+        assert torch.equal(o, torch.where(m, t, torch.zeros_like(t)))
+    with pytest.raises(TypeError, match="masks"):
+        pack_masked(ts, [m.float() for m in ms])
+    with pytest.raises(ValueError, match="shape"):
+        pack_masked(ts, ms[::-1])
+    with pytest.raises(ValueError, match="flat"):
+        unpack(flat[:-1], out, ms)
+
+
+def test_topk_error_feedback_single_rank():
+    from sparsekit.comm import TopKCompression
+
+    c = TopKCompression(0.1)
+    g = torch.arange(20.0)
+    out = c.allreduce(g, 0)
+    # top 2 of |g| kept, the rest goes to the residual; sent + residual == input
+    assert torch.equal(out + c.residuals[0], g)
+    assert int((out != 0).sum()) == 2 and out[19] == 19 and out[18] == 18
+    with pytest.raises(ValueError, match="ratio"):
+        TopKCompression(0)
+
+
+def test_topk_warmup_schedule():
+    from sparsekit.comm import TopKCompression
+
+    c = TopKCompression(0.01, warmup_steps=4)
+    rs = []
+    for _ in range(6):
+        rs.append(c.current_ratio())
+        c.step()
+    assert rs[0] == pytest.approx(0.25) and rs[4] == rs[5] == 0.01
+    assert all(a > b for a, b in zip(rs[:4], rs[1:5]))

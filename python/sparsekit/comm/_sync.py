@@ -28,7 +28,11 @@ class GradientSync:
         process_group: Any = None,
         bucket_cap_mb: float = 25,
         plan: CommPlan | None = None,
+        compression: Any = None,
     ) -> None:
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        self.compression = compression
         self.params = [p for p in model.parameters() if p.requires_grad]
         devs = {p.device for p in self.params}
         if len(devs) > 1:
@@ -78,6 +82,9 @@ class GradientSync:
         flat = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
         )
+        if self.compression is not None:
+            self._works.append((b, None, flat))
+            return
         flat.div_(self.world)
         work = dist.all_reduce(flat, group=self.pg, async_op=True)
         self._works.append((b, work, flat))
@@ -91,8 +98,11 @@ class GradientSync:
             self._launch(self._next)
             self._next += 1
         for b, work, flat in self._works:
+            if work is None:
+                flat = self.compression.allreduce(flat, b, group=self.pg)
             try:
-                work.wait()
+                if work is not None:
+                    work.wait()
             except RuntimeError as e:
                 raise RuntimeError(f"GradientSync: bucket {b} collective failed: {e}") from e
             off = 0
@@ -105,6 +115,8 @@ class GradientSync:
                 else:
                     p.grad.copy_(g)
                 off += n
+        if self.compression is not None:
+            self.compression.step()
         self._reset()
 
     wait = finish
