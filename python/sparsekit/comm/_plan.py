@@ -35,7 +35,17 @@ class CommPlan:
         return [sum(self.sizes[i] for i in b) for b in self.buckets]
 
 
-def _specs(params: Sequence[Any]) -> tuple[list[int], list[str], list[bool]]:
+def _specs(params: Any) -> tuple[Any, list[Any], list[bool]]:
+    if isinstance(params, np.ndarray):  # precomputed byte sizes, one dtype/device
+        if params.ndim != 1 or params.dtype.kind not in "iu":
+            raise TypeError("params_or_specs as an array must be a 1-D integer array of byte sizes")
+        if (params < 0).any():
+            raise ValueError("params_or_specs: nbytes must be >= 0")
+        n = len(params)
+        return params.astype(np.int64), ["0"] * n, [False] * n
+    if params and all(isinstance(p, torch.Tensor) for p in params):
+        dd = [(p.dtype, p.device) for p in params]
+        return [p.nbytes for p in params], [f"{d}@{v}" for d, v in dd], [p.is_sparse for p in params]
     sizes: list[int] = []
     keys: list[str] = []
     sparse: list[bool] = []
@@ -97,33 +107,37 @@ def plan_buckets(
         idx = list(range(n - 1, -1, -1))
     else:
         raise ValueError("order='ready' needs ready_order")
-    result: list[tuple[list[int], int]] = []
-    open_b: dict[str, list[int]] = {}
-    open_size: dict[str, int] = {}
-    lim_pos: dict[str, int] = {}
     # torch's function reads the i-th tensor's size/dtype at POSITION i and labels it
     # tensor_indices[i] (DDP passes its tensors already permuted); ddp_compatible mirrors that.
     positional = ddp_compatible and ready_order is not None
-    for pos_i, t in enumerate(idx):
-        src = pos_i if positional else t
-        if sparse[src]:
-            result.append(([t], 0))
-            continue
-        k = keys[src]
-        b = open_b.setdefault(k, [])
-        b.append(t)
-        s = open_size.get(k, 0) + sizes[src]
-        pos = lim_pos.setdefault(k, 0)
-        if s >= limits[pos]:
-            result.append((b, limits[pos]))
-            open_b[k] = []
-            open_size[k] = 0
-            lim_pos[k] = min(pos + 1, len(limits) - 1)
-        else:
-            open_size[k] = s
-    for k, b in open_b.items():
-        if b:
-            result.append((b, limits[lim_pos[k]]))
+    lab = np.asarray(idx, dtype=np.int64)
+    src = np.arange(n, dtype=np.int64) if positional else lab
+    sz = np.asarray(sizes, dtype=np.int64)[src] if n else np.zeros(0, np.int64)
+    sp = np.asarray(sparse, dtype=bool)[src] if n else np.zeros(0, bool)
+    kid_of: dict[str, int] = {}
+    kid_all = np.fromiter((kid_of.setdefault(k, len(kid_of)) for k in keys), np.int64, n)
+    kid = kid_all[src]
+    # (first position, indices, limit) per bucket; buckets are closed in walk order
+    result: list[tuple[int, list[int], int]] = []
+    for j in np.flatnonzero(sp):
+        result.append((int(j), [int(lab[j])], 0))
+    leftovers = []
+    for k in range(len(kid_of)):
+        pos = np.flatnonzero((kid == k) & ~sp)
+        cs = np.cumsum(sz[pos])
+        start, base, li = 0, 0, 0
+        while start < len(pos):
+            e = int(np.searchsorted(cs, base + limits[li], side="left"))
+            if e >= len(pos):
+                leftovers.append((int(pos[start]), lab[pos[start:]].tolist(), limits[li]))
+                break
+            result.append((int(pos[e]), lab[pos[start : e + 1]].tolist(), limits[li]))
+            base = int(cs[e])
+            start = e + 1
+            li = min(li + 1, len(limits) - 1)
+    result.sort(key=lambda r: r[0])  # closing order of the walk, as torch emits
+    leftovers.sort(key=lambda r: r[0])  # (torch: hash-map order; we use first-seen order)
+    result = [(r[1], r[2]) for r in result + leftovers]  # type: ignore[misc]
     if ready_order is None and (ddp_compatible or order == "forward"):
         result.sort(key=lambda r: min(r[0]))
     return CommPlan([r[0] for r in result], [r[1] for r in result], sizes, keys)
