@@ -137,10 +137,10 @@ def plan_buckets(
             li = min(li + 1, len(limits) - 1)
     result.sort(key=lambda r: r[0])  # closing order of the walk, as torch emits
     leftovers.sort(key=lambda r: r[0])  # (torch: hash-map order; we use first-seen order)
-    result = [(r[1], r[2]) for r in result + leftovers]  # type: ignore[misc]
+    final: list[tuple[list[int], int]] = [(r[1], r[2]) for r in result + leftovers]
     if ready_order is None and (ddp_compatible or order == "forward"):
-        result.sort(key=lambda r: min(r[0]))
-    return CommPlan([r[0] for r in result], [r[1] for r in result], sizes, keys)
+        final.sort(key=lambda r: min(r[0]))
+    return CommPlan([r[0] for r in final], [r[1] for r in final], np.asarray(sizes, dtype=np.int64).tolist(), keys)
 
 
 def assign_shards(nbytes: Sequence[int], world_size: int) -> tuple[list[int], float]:
