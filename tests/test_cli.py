@@ -43,3 +43,49 @@ def test_demo_help_documents_every_option():
 def test_demo_refuses_bad_options(args, message):
     out = _run("demo", "--quick", *args)
     assert out.returncode == 2 and message in out.stdout
+
+
+def _results(path) -> dict:
+    return json.loads((path / "results.json").read_text())
+
+
+def test_demo_quick_trains_sparse_close_to_dense_and_balancing_lowers_the_load(tmp_path):
+    out = _run("demo", "--quick", "--no-progress", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Python standard-library source" in out.stdout and "bits/char" in out.stdout
+    for png in ("loss.png", "density.png", "expert_load.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    runs = {r["name"]: r for r in _results(tmp_path)["runs"]}
+    dense, sparse, unbalanced = runs["dense"], runs["sparse"], runs["unbalanced"]
+    assert sparse["final_density"] == pytest.approx(0.2, abs=0.01)
+    assert sparse["flop_fraction"] < 0.5
+    # the models learn (uniform over 128 bytes is ln 128 = 4.85 nats) and sparsity costs little
+    assert dense["val_loss"][-1] < 3.2
+    assert sparse["val_loss"][-1] < dense["val_loss"][-1] + 0.25
+    # aux-loss-free balancing keeps the experts' loads closer together than no balancing
+    assert dense["imbalance"][-1] < unbalanced["imbalance"][-1]
+
+
+def test_demo_same_seed_same_numbers_and_two_processes_match_one(tmp_path):
+    args = ["--quick", "--no-progress", "--steps", "20", "--threads", "1"]
+    first, second, dist = tmp_path / "a", tmp_path / "b", tmp_path / "dist"
+    for folder in (first, second):
+        out = _run("demo", *args, "--out", str(folder))
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert _strip_times(first) == _strip_times(second)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+                "-m", "sparsekit", "demo", *args, "--out", str(dist)]
+    out = subprocess.run(torchrun, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    one = {r["name"]: r for r in _results(first)["runs"]}
+    two = {r["name"]: r for r in _results(dist)["runs"]}
+    for name in one:
+        assert two[name]["train_loss"] == pytest.approx(one[name]["train_loss"], rel=2e-3)
+        assert two[name]["val_loss"] == pytest.approx(one[name]["val_loss"], rel=2e-3)
+
+
+def _strip_times(folder) -> list[dict]:
+    runs = _results(folder)["runs"]
+    for r in runs:
+        r.pop("seconds_per_step")
+    return runs

@@ -57,6 +57,7 @@ class DemoConfig:
     context: int = 64
     batch: int = 32
     lr: float = 3e-3
+    balance_rate: float = 0.02  # aux-free bias step; larger than DeepSeek-V3's 1e-3 for a run this short
     corpus_chars: int = 600_000
     eval_every: int = 50
     seed: int = 0
@@ -119,7 +120,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.experts, cfg.k, balancer="aux_free" if balance else "none")
+        self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.experts, cfg.k, balancer="aux_free" if balance else "none", rate=cfg.balance_rate)
         self.heads = cfg.heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
