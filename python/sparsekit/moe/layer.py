@@ -122,6 +122,7 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, d_ff, d_model, **fk))
         self.w3 = nn.Parameter(torch.empty(n_experts, d_ff, d_model, **fk))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_ff, **fk))
+        self.expert_bias: torch.Tensor
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32, device=device))
         if n_shared:
             hs = n_shared * d_ff
