@@ -135,7 +135,8 @@ impl Real for f64 {
 #[inline(always)]
 fn exp_nonpos_f32(x: f32) -> f32 {
     let x = if x < -104.0 { -104.0 } else { x }; // keeps NaN (f32::max would drop it)
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // round to nearest by the 1.5 * 2^23 trick (vectorises; f32::round is a libm call)
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // minimax-style polynomial for e^r on [-ln2/2, ln2/2]
     let p = 1.0
