@@ -296,8 +296,15 @@ fn route_row<T: Real>(x: &[T], bias: Option<&[T]>, g: &Gate, buf: &mut RowBufs<T
             }
         }
     } else {
+        // the k-th best so far kept in a register: most elements fail one compare
+        let mut thr = T::NEG_INF;
         for (j, &v) in choice.iter().enumerate() {
-            push_top(best, &mut len, v, j);
+            if len < k || v > thr {
+                push_top(best, &mut len, v, j);
+                if len == k {
+                    thr = best[k - 1].0;
+                }
+            }
         }
     }
     let mut total = T::ZERO;
