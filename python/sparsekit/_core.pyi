@@ -70,9 +70,56 @@ def build_profile() -> str:
     """"release" or "debug"."""
 
 # ---- routing (rust/sparsekit-py/src/routing.rs) ----
+__all__ += ["route_topk", "route_tables"]
+
+def route_topk(
+    logits: npt.NDArray[np.generic],
+    bias: npt.NDArray[np.generic] | None,
+    dtype: str,
+    n_experts: int,
+    k: int,
+    score: str,
+    n_groups: int,
+    topk_groups: int,
+    group_mode: str,
+    normalize: bool,
+    scale: float,
+    ids: npt.NDArray[np.generic],
+    sel: npt.NDArray[np.generic],
+    weights: npt.NDArray[np.generic],
+) -> None: ...
+def route_tables(
+    ids: npt.NDArray[np.generic],
+    n_experts: int,
+    capacity: int | None,
+    drop_policy: str,
+    priority: npt.NDArray[np.generic] | None,
+    order: npt.NDArray[np.generic],
+    inverse: npt.NDArray[np.generic],
+    counts: npt.NDArray[np.generic],
+    offsets: npt.NDArray[np.generic],
+    kept: npt.NDArray[np.generic],
+) -> None: ...
 # (end of routing)
 
 # ---- balance (rust/sparsekit-py/src/balance.rs) ----
+from typing import final
+
+__all__ += ["BalanceCounters", "balance_stats", "aux_free_update"]
+
+@final
+class BalanceCounters:
+    def __new__(cls, n_experts: int, ema: float) -> BalanceCounters: ...
+    def update(self, counts: Sequence[int], dropped: int) -> None: ...
+    def step_counts(self) -> list[float]: ...
+    def ema_counts(self) -> list[float]: ...
+    @property
+    def steps(self) -> int: ...
+    def dropped_fraction(self) -> float: ...
+    def totals(self) -> tuple[int, int]: ...
+
+def balance_stats(counts: Sequence[float]) -> tuple[float, float, float, int]: ...
+def aux_free_update(bias: npt.NDArray[np.generic], counts: npt.NDArray[np.generic], rate: float) -> None: ...
 # (end of balance)
 
 # ---- comm (rust/sparsekit-py/src/comm.rs) ----

@@ -1,1 +1,39 @@
-"""Mixture of Experts: routing plans, dispatch/combine, the MoE layer, load balancing."""
+"""Mixture of Experts: routing plans, dispatch/combine, the MoE layer, load balancing.
+
+- :func:`route` -> :class:`RoutingPlan` (DeepSeek-V3 gate semantics; Rust on CPU, CUDA kernels on GPU).
+- :func:`permute` / :func:`unpermute`: deterministic gather-based dispatch and combine.
+- :class:`MoE`: SwiGLU experts over contiguous slices; ``balancer_step()``, ``last_counts()``.
+- :class:`LoadBalancer` and the balance losses.
+"""
+
+from ._dispatch import permute, unpermute
+from ._routing import RoutingPlan, capacity_for, route, route_tables, route_topk
+from .balance import (
+    LoadBalancer,
+    device_balance_loss,
+    entropy_loss,
+    gshard_loss,
+    sequence_aux_loss,
+    switch_loss,
+    z_loss,
+)
+from .layer import MoE, grouped_swiglu
+
+__all__ = [
+    "LoadBalancer",
+    "MoE",
+    "RoutingPlan",
+    "capacity_for",
+    "device_balance_loss",
+    "entropy_loss",
+    "grouped_swiglu",
+    "gshard_loss",
+    "permute",
+    "route",
+    "route_tables",
+    "route_topk",
+    "sequence_aux_loss",
+    "switch_loss",
+    "unpermute",
+    "z_loss",
+]

@@ -1,0 +1,180 @@
+"""The MoE layer: a drop-in FFN of SwiGLU experts, each run over its contiguous slice of grouped tokens."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._dispatch import permute, unpermute
+from ._routing import RoutingPlan, route
+from .balance import LoadBalancer, switch_loss
+
+
+def _swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return (F.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t()
+
+
+@torch.library.custom_op("sparsekit::moe_experts", mutates_args=())
+def _experts_op(xp: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    out = xp.new_zeros((xp.shape[0], w2.shape[1]))
+    off = offsets.tolist()
+    for e in range(w1.shape[0]):
+        a, b = off[e], off[e + 1]
+        if b > a:
+            out[a:b] = _swiglu(xp[a:b], w1[e], w3[e], w2[e])
+    return out
+
+
+@_experts_op.register_fake
+def _experts_fake(xp, offsets, w1, w3, w2):  # type: ignore[no-untyped-def]
+    return xp.new_empty((xp.shape[0], w2.shape[1]))
+
+
+@torch.library.custom_op("sparsekit::moe_experts_backward", mutates_args=())
+def _experts_bwd_op(g: torch.Tensor, xp: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                    w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    gx = torch.zeros_like(xp)
+    g1, g3, g2 = torch.zeros_like(w1), torch.zeros_like(w3), torch.zeros_like(w2)
+    off = offsets.tolist()
+    for e in range(w1.shape[0]):
+        a, b = off[e], off[e + 1]
+        if b <= a:
+            continue
+        x, dy = xp[a:b], g[a:b]
+        h1, h3 = x @ w1[e].t(), x @ w3[e].t()
+        s1 = F.silu(h1)
+        h = s1 * h3
+        g2[e] = dy.t() @ h
+        dh = dy @ w2[e]
+        sig = torch.sigmoid(h1)
+        d1 = dh * h3 * (sig * (1 + h1 * (1 - sig)))
+        d3 = dh * s1
+        g1[e] = d1.t() @ x
+        g3[e] = d3.t() @ x
+        gx[a:b] = d1 @ w1[e] + d3 @ w3[e]
+    return gx, g1, g3, g2
+
+
+@_experts_bwd_op.register_fake
+def _experts_bwd_fake(g, xp, offsets, w1, w3, w2):  # type: ignore[no-untyped-def]
+    return torch.empty_like(xp), torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+
+
+def _experts_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    ctx.save_for_backward(*inputs)
+
+
+def _experts_backward(ctx, g):  # type: ignore[no-untyped-def]
+    xp, offsets, w1, w3, w2 = ctx.saved_tensors
+    gx, g1, g3, g2 = _experts_bwd_op(g.contiguous(), xp, offsets, w1, w3, w2)
+    return gx, None, g1, g3, g2
+
+
+_experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
+
+
+def grouped_swiglu(xp: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert ``e`` over rows ``offsets[e]:offsets[e+1]`` of ``xp``; rows past ``offsets[E]``
+    (dropped slots) give zeros. ``w1, w3 [E, d_ff, d]``, ``w2 [E, d, d_ff]``."""
+    return _experts_op(xp, offsets, w1, w3, w2)
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN: ``y = sum_j w_j * Expert_{e_j}(x) (+ shared experts)`` per token.
+
+    Args: ``d_model``, ``d_ff`` (hidden size of each SwiGLU expert), ``n_experts``, ``k``; ``n_shared``
+    always-on shared experts (one SwiGLU of hidden ``n_shared * d_ff``); ``score``, ``n_groups``,
+    ``topk_groups``, ``capacity_factor``, ``drop_policy``, ``normalize``, ``scale`` as in
+    :func:`sparsekit.moe.route`; ``balancer``: ``"aux_free"`` (a per-expert bias chooses experts,
+    updated by :meth:`balancer_step`), ``"aux_loss"`` (``self.aux_loss`` holds the Switch loss of the
+    last call, times ``aux_loss_coef``; add it to your loss) or ``"none"``; ``rate``, ``ema`` for the
+    :class:`LoadBalancer`; ``process_group`` to all-reduce counts across data-parallel ranks.
+
+    After a forward: :attr:`last_plan` (the :class:`RoutingPlan`), :meth:`last_counts` (tokens per
+    expert of the last forward) and :meth:`balance_stats`. Once per optimizer step call
+    :meth:`balancer_step`.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, k: int, *, n_shared: int = 0, score: str = "softmax",
+                 balancer: str = "aux_free", n_groups: int | None = None, topk_groups: int | None = None,
+                 capacity_factor: float | None = None, drop_policy: str = "probs", normalize: bool | None = None,
+                 scale: float = 1.0, rate: float = 1e-3, ema: float = 0.9, aux_loss_coef: float = 1e-2,
+                 process_group: Any = None, device: Any = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_ff", d_ff), ("n_experts", n_experts), ("k", k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if k > n_experts:
+            raise ValueError(f"k={k} must be <= n_experts={n_experts}")
+        if isinstance(n_shared, bool) or not isinstance(n_shared, int) or n_shared < 0:
+            raise ValueError(f"n_shared must be an int >= 0, got {n_shared!r}")
+        self.d_model, self.d_ff, self.n_experts, self.k, self.n_shared = d_model, d_ff, n_experts, k, n_shared
+        self.route_kwargs = dict(score=score, n_groups=n_groups, topk_groups=topk_groups, capacity_factor=capacity_factor,
+                                 drop_policy=drop_policy, normalize=normalize, scale=scale)  # fmt: skip
+        self.balancer = LoadBalancer(n_experts, method=balancer, rate=rate, ema=ema, process_group=process_group)
+        self.aux_loss_coef = aux_loss_coef
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.gate = nn.Parameter(torch.empty(n_experts, d_model, **fk))
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_ff, d_model, **fk))
+        self.w3 = nn.Parameter(torch.empty(n_experts, d_ff, d_model, **fk))
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_ff, **fk))
+        self.expert_bias: torch.Tensor
+        self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32, device=device))
+        if n_shared:
+            hs = n_shared * d_ff
+            self.s1 = nn.Parameter(torch.empty(hs, d_model, **fk))
+            self.s3 = nn.Parameter(torch.empty(hs, d_model, **fk))
+            self.s2 = nn.Parameter(torch.empty(d_model, hs, **fk))
+        self.reset_parameters()
+        self.last_plan: RoutingPlan | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform style init of every weight (bias reset to zero)."""
+        for name, p in self.named_parameters():
+            fan_in = p.shape[-1]
+            nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        self.expert_bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., d_model]`` -> ``[..., d_model]``."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x has last dimension {x.shape[-1]}, expected d_model={self.d_model}")
+        h = x.reshape(-1, self.d_model)
+        logits = h @ self.gate.t()
+        bias = self.expert_bias if self.balancer.method == "aux_free" else None
+        plan = route(logits, self.k, bias=bias, **self.route_kwargs)  # type: ignore[arg-type]
+        yp = grouped_swiglu(permute(h, plan), plan.offsets, self.w1, self.w3, self.w2)
+        y = unpermute(yp, plan)
+        if self.n_shared:
+            y = y + _swiglu(h, self.s1, self.s3, self.s2)
+        if self.balancer.method == "aux_loss":
+            probs = torch.softmax(logits.float(), -1) if self.route_kwargs["score"] == "softmax" else torch.sigmoid(logits.float())
+            self.aux_loss = self.aux_loss_coef * switch_loss(probs, plan.expert_ids, self.n_experts)
+        if not torch.compiler.is_compiling():
+            self.last_plan = plan
+            self.balancer.observe(plan)
+        return y.reshape(x.shape)
+
+    def last_counts(self) -> torch.Tensor:
+        """Tokens (kept slots) per expert of the last forward, a tensor ``[E]`` (int64)."""
+        if self.last_plan is None:
+            raise RuntimeError("last_counts() needs a forward call first")
+        return self.last_plan.counts
+
+    def balancer_step(self) -> torch.Tensor | None:
+        """Once per optimizer step: reduce this step's counts (across ranks with a process group), update
+        the counters and, for ``balancer="aux_free"``, the expert bias (``b_i += rate*sign(mean(c)-c_i)``);
+        a no-op for the bias with ``"none"`` / ``"aux_loss"``. Returns the step's counts."""
+        return self.balancer.step(self.expert_bias)
+
+    def balance_stats(self) -> dict[str, float]:
+        """Imbalance report of the last balancer step (see :meth:`LoadBalancer.stats`)."""
+        return self.balancer.stats()
+
+
+__all__ = ["MoE", "grouped_swiglu"]
