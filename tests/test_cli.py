@@ -63,7 +63,12 @@ def test_demo_quick_trains_sparse_close_to_dense_and_balancing_lowers_the_load(t
     assert dense["val_loss"][-1] < 3.2
     assert sparse["val_loss"][-1] < dense["val_loss"][-1] + 0.25
     # aux-loss-free balancing keeps the experts' loads closer together than no balancing
-    assert dense["imbalance"][-1] < unbalanced["imbalance"][-1]
+    from sparsekit.demo import RunResult, late_imbalance
+
+    def load(run: dict) -> float:
+        return late_imbalance(RunResult(run["name"], imbalance=run["imbalance"]))
+
+    assert load(dense) < 0.8 * load(unbalanced)
 
 
 def test_demo_same_seed_same_numbers_and_two_processes_match_one(tmp_path):

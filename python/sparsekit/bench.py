@@ -84,7 +84,88 @@ def select_cases(scale: float, repeats: int) -> list[Case]:
     ]
 
 
-CAPABILITIES: dict[str, Callable[[float, int], list[Case]]] = {"select": select_cases}
+def sparsity_cases(scale: float, repeats: int) -> list[Case]:
+    from .sparsity import DynamicSparsity
+
+    gen = torch.Generator().manual_seed(1)
+    side = max(64, int(2048 * scale**0.5)) // 8 * 8
+    layers = [torch.nn.Linear(side, side, bias=False) for _ in range(8)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(torch.randn(side, side, generator=gen))
+    model = torch.nn.Sequential(*layers)
+    weights = [layer.weight.detach().clone() for layer in layers]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    n = sum(w.numel() for w in weights)
+    k = int(0.1 * n + 0.5)
+
+    def ours() -> list[torch.Tensor]:
+        with torch.no_grad():
+            for layer, w in zip(layers, weights):
+                layer.weight.copy_(w)
+        ds = DynamicSparsity(model, optimizer, density=0.1, method="magnitude", distribution="global")
+        return list(ds.masks.values())
+
+    def torch_way() -> list[torch.Tensor]:
+        flat = torch.cat([w.abs().reshape(-1) for w in weights])
+        threshold = torch.kthvalue(flat, n - k + 1).values
+        return [w.abs() >= threshold for w in weights]
+
+    def same_count(a: object, b: object) -> bool:
+        return sum(int(m.sum()) for m in a) == k == sum(int(m.sum()) for m in b)  # type: ignore[attr-defined]
+
+    return [_case("sparsity", f"global magnitude masks, 8 Linear, {n:,} weights, density 0.1", "torch cat + kthvalue",
+                  ours, torch_way, same_count, repeats)]
+
+
+def moe_cases(scale: float, repeats: int) -> list[Case]:
+    from .moe import route
+
+    gen = torch.Generator().manual_seed(2)
+    tokens = max(1024, int(262144 * scale))
+    logits = torch.randn(tokens, 256, generator=gen)
+
+    def torch_pipeline() -> tuple[torch.Tensor, ...]:
+        p = torch.softmax(logits, -1)
+        weights, ids = torch.topk(p, 8, -1)
+        order = torch.argsort(ids.reshape(-1), stable=True)
+        counts = torch.bincount(ids.reshape(-1), minlength=256)
+        return ids, weights, order, counts, torch.cumsum(counts, 0)
+
+    def agree(plan: object, ref: object) -> bool:
+        return bool(torch.equal(plan.order, ref[2]) and torch.equal(plan.counts, ref[3]))  # type: ignore[attr-defined,index]
+
+    return [_case("moe", f"routing plan, {tokens:,} tokens, 256 experts, top-8", "torch softmax/topk/argsort/bincount",
+                  lambda: route(logits, 8), torch_pipeline, agree, repeats)]
+
+
+def comm_cases(scale: float, repeats: int) -> list[Case]:
+    import torch.distributed as dist
+
+    from .comm import plan_buckets
+
+    gen = torch.Generator().manual_seed(3)
+    count = max(100, int(10_000 * scale))
+    sizes = torch.randint(1, 20_000, (count,), generator=gen).tolist()
+    tensors = [torch.empty(n, dtype=torch.float32 if i % 5 else torch.float16) for i, n in enumerate(sizes)]
+    limits = [1 << 20, 25 << 20]
+
+    def theirs() -> list[list[int]]:
+        return dist._compute_bucket_assignment_by_size(tensors, limits)[0]  # type: ignore[attr-defined]
+
+    def ours() -> list[list[int]]:
+        return [list(b) for b in plan_buckets(tensors, bucket_cap_mb=25, first_bucket_mb=1, ddp_compatible=True).buckets]
+
+    def agree(a: object, b: object) -> bool:
+        return sorted(map(tuple, a)) == sorted(map(tuple, b))  # type: ignore[call-overload,arg-type]
+
+    return [_case("comm", f"bucket plan of {count:,} parameters", "torch _compute_bucket_assignment_by_size",
+                  ours, theirs, agree, repeats)]
+
+
+CAPABILITIES: dict[str, Callable[[float, int], list[Case]]] = {
+    "select": select_cases, "sparsity": sparsity_cases, "moe": moe_cases, "comm": comm_cases,
+}
 
 
 def machine() -> dict[str, object]:
