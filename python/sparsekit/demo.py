@@ -334,7 +334,8 @@ def plot(results: list[RunResult], out: Path) -> list[Path]:
         loads = torch.tensor(r.expert_load)
         for e in range(loads.shape[1]):
             ax.plot(r.eval_steps, loads[:, e], label=f"expert {e}")
-        ax.set(xlabel="step", ylabel="share of tokens (layer 0)", title=f"Expert load: {r.name}")
+        label = "aux-loss-free balancing" if r.name != "unbalanced" else "no balancing"
+        ax.set(xlabel="step", ylabel="share of tokens (layer 0)", title=f"Expert load: {r.name} run, {label}")
     axes[0][0].legend(fontsize="x-small", ncol=2)
     written.append(_save(fig, out / "expert_load.png"))
     return written
