@@ -115,14 +115,19 @@ def batches(train: torch.Tensor, cfg: DemoConfig, step: int) -> tuple[torch.Tens
 class Block(nn.Module):
     def __init__(self, cfg: DemoConfig, balance: bool) -> None:
         super().__init__()
+        import torch.distributed as dist
+
         from .moe import MoE
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.experts, cfg.k, score="sigmoid",
-                       balancer="aux_free" if balance else "none", rate=cfg.balance_rate)
+                       balancer="aux_free" if balance else "none", rate=cfg.balance_rate,
+                       process_group=True if distributed else None)  # counts summed over ranks
         self.heads = cfg.heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +143,7 @@ class CharLM(nn.Module):
     def __init__(self, cfg: DemoConfig, balance: bool) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)  # tied with the output: small logits at the start
         self.pos = nn.Parameter(torch.zeros(cfg.context, cfg.d_model))
         self.blocks = nn.ModuleList(Block(cfg, balance) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
