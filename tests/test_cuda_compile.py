@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from sparsekit import _cuda, _cuda_route, _cuda_select
+from sparsekit import _cuda, _cuda_route, _cuda_select, _cuda_spmm
 
 # Every kernel file and the template instantiations its launch code asks the loader for.
 NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
     "select": _cuda_select.NAME_EXPRESSIONS,
     "route": _cuda_route.NAME_EXPRESSIONS,
+    "spmm": _cuda_spmm.NAME_EXPRESSIONS,
 }
 KERNEL_FILES = sorted(p.stem for p in _cuda.kernel_dir().glob("*.cu"))  # top level only: cuda/sim excluded
 ARCHS = ["sm_80", "sm_90"]
