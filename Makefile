@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WHEEL_DIR := target/wheels-dist
 export PYO3_PYTHON := $(abspath $(PY))
 
-.PHONY: demo test install dev dev-test rust-test wheel-check stubtest pytest bench gpu-test gpu-bench clean
+.PHONY: demo test install dev dev-test rust-test wheel-check stubtest pytest bench gpu-test gpu-bench mutants clean
 
 $(VENV)/.ready: pyproject.toml
 	python3 -m venv $(VENV)
@@ -63,6 +63,11 @@ gpu-bench: install
 bench: install
 	cargo bench -p sparsekit-core --bench select -- --warm-up-time 1 --measurement-time 4
 	$(PY) benches/report.py --repeat 3 --rust
+
+# Mutation check of the CUDA kernels on the shim (cuda/sim/mutants.py): each __syncthreads() removed and
+# each atomicAdd made a plain +=, one at a time; every mutant must be caught by the race-checked tests.
+mutants: $(VENV)/.ready
+	$(PY) cuda/sim/mutants.py $(MUTANT_ARGS)
 
 clean:
 	rm -rf target $(VENV)

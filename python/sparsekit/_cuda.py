@@ -10,6 +10,7 @@ point at the real file and line.
 from __future__ import annotations
 
 import functools
+import os
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,10 @@ _MISSING_CUPY = (
 
 
 def kernel_dir() -> Path:
-    """Directory holding the ``.cu`` sources and their headers."""
+    """Directory holding the ``.cu`` sources and their headers (``SPARSEKIT_CUDA_DIR`` overrides it)."""
+    override = os.environ.get("SPARSEKIT_CUDA_DIR")
+    if override:
+        return Path(override).resolve()
     return Path(__file__).resolve().parent / "cuda"
 
 

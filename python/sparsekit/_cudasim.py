@@ -440,6 +440,10 @@ class SimFunction:
             raise RuntimeError(err.value.decode(errors="replace") or f"cudasim: kernel {self.name} failed")
 
 
+class RaceError(RuntimeError):
+    """A data race found by the shim's race-check mode (names the kernel, the two source lines, the threads)."""
+
+
 class SimRawModule:
     """CPU stand-in for ``cupy.RawModule``; see the module docstring."""
 
@@ -453,7 +457,13 @@ class SimRawModule:
         seed: int = 0,
         threads: int | None = None,
         include_dirs: tuple[str, ...] = (),
+        race_check: bool = False,
     ) -> None:
+        if race_check or os.environ.get("SPARSEKIT_SIM_RACE_CHECK") == "1":
+            # The happens-before detector (issue 5 section 1) is not implemented yet: refuse rather than
+            # pretend to have checked.
+            raise NotImplementedError("race_check=True is not implemented in this build of the CUDA shim")
+        self.race_check = False
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(_SCHEDULES)}, got {schedule!r}")
         self.schedule = schedule
