@@ -11,7 +11,7 @@ export PYO3_PYTHON := $(abspath $(PY))
 $(VENV)/.ready: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.9,<2" "torch>=2.4" "numpy>=1.26" "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" "mypy>=1.10" "scikit-learn>=1.3"
+	$(PY) -m pip install -q "maturin>=1.9,<2" "torch>=2.4" "numpy>=1.26" "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" "mypy>=1.10" "scikit-learn>=1.3" "tqdm>=4.60" "matplotlib>=3.7"
 	touch $@
 
 # Build the release wheel and install it (not an editable build): tests run against what users get.

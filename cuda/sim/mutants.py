@@ -114,7 +114,7 @@ def main() -> int:
             print(f"baseline {name} fails its tests ({tail}); fix that first", flush=True)
             return 2
     with ThreadPoolExecutor(ns.jobs) as ex:
-        results = list(ex.map(lambda j: run_one(*j, not ns.no_race_check), jobs))
+        results = list(ex.map(lambda j: run_one(j[0], j[1], j[2], j[3], not ns.no_race_check), jobs))
     survived = 0
     for name, line, kind, caught, tail in results:
         survived += not caught

@@ -14,7 +14,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -47,8 +47,12 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _kept(masks: list[torch.Tensor]) -> int:
+    return sum(int(m.sum()) for m in masks)
+
+
 def _case(capability: str, name: str, baseline: str, ours: Callable[[], object], theirs: Callable[[], object],
-          agree: Callable[[object, object], bool], repeats: int) -> Case:
+          agree: Callable[[Any, Any], bool], repeats: int) -> Case:
     ok = bool(agree(ours(), theirs()))
     return Case(capability, name, baseline, _median_ms(ours, repeats), _median_ms(theirs, repeats), ok)
 
@@ -72,8 +76,8 @@ def select_cases(scale: float, repeats: int) -> list[Case]:
         mask[idx] = True
         return list(mask.split([t.numel() for t in tensors]))
 
-    def same_count(a: object, b: object) -> bool:
-        return sum(int(m.sum()) for m in a) == sum(int(m.sum()) for m in b) == k  # type: ignore[attr-defined]
+    def same_count(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return _kept(a) == _kept(b) == k
 
     x = torch.cat(tensors)
     return [
@@ -111,8 +115,8 @@ def sparsity_cases(scale: float, repeats: int) -> list[Case]:
         threshold = torch.kthvalue(flat, n - k + 1).values
         return [w.abs() >= threshold for w in weights]
 
-    def same_count(a: object, b: object) -> bool:
-        return sum(int(m.sum()) for m in a) == k == sum(int(m.sum()) for m in b)  # type: ignore[attr-defined]
+    def same_count(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return _kept(a) == k == _kept(b)
 
     return [_case("sparsity", f"global magnitude masks, 8 Linear, {n:,} weights, density 0.1", "torch cat + kthvalue",
                   ours, torch_way, same_count, repeats)]

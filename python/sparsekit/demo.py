@@ -222,7 +222,7 @@ def train_one(name: str, cfg: DemoConfig, train: torch.Tensor, val: torch.Tensor
     model = CharLM(cfg, balance=name != "unbalanced")
     routers = [p for n, p in model.named_parameters() if n.endswith("moe.gate")]
     others = [p for n, p in model.named_parameters() if not n.endswith("moe.gate")]
-    groups = [{"params": others}, {"params": routers, "lr": cfg.lr * cfg.router_lr_scale}]
+    groups: list[dict[str, Any]] = [{"params": others}, {"params": routers, "lr": cfg.lr * cfg.router_lr_scale}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     sync = GradientSync(model) if distributed else None
     sparsity = None
