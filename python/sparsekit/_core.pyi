@@ -79,6 +79,16 @@ def build_profile() -> str:
 # (end of comm)
 
 # ---- spmm (rust/sparsekit-py/src/spmm.rs) ----
+def bsr_kernel(
+    op: str,
+    shape: tuple[int, int],
+    block: tuple[int, int],
+    layout: Sequence[npt.NDArray[np.int64]],
+    a: npt.NDArray[np.float32],
+    b: npt.NDArray[np.float32],
+    m: int,
+    out: npt.NDArray[np.float32],
+) -> None: ...
 # (end of spmm)
 
 # ---- sparsity (rust/sparsekit-py/src/sparsity.rs) ----
