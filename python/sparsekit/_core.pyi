@@ -19,6 +19,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "build_profile",
+    "bsr_kernel",
 ]
 
 __version__: str
