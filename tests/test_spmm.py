@@ -103,3 +103,12 @@ def test_block_sparse_linear_roundtrip():
     torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="block"):
         BlockSparseLinear(10, 8, (4, 4))
+
+
+def test_torch_bsr_roundtrip():
+    w = _random(16, 24, 4, 8, 0.5, seed=9)
+    t = w.to_torch()
+    torch.testing.assert_close(t.to_dense(), w.to_dense())
+    torch.testing.assert_close(BlockSparseMatrix.from_torch(t).to_dense(), w.to_dense())
+    with pytest.raises(ValueError, match="t"):
+        BlockSparseMatrix.from_torch(torch.zeros(4, 4))

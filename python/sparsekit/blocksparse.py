@@ -79,3 +79,15 @@ class BlockSparseMatrix:
         rows = torch.repeat_interleave(torch.arange(n // bh), torch.diff(self.row_offsets))
         out[rows, self.col_indices] = self.values
         return out.transpose(1, 2).reshape(n, k)
+
+    def to_torch(self) -> torch.Tensor:
+        """A ``torch.sparse_bsr`` tensor with the same blocks."""
+        return torch.sparse_bsr_tensor(self.row_offsets, self.col_indices, self.values, size=self.shape)
+
+    @classmethod
+    def from_torch(cls, t: torch.Tensor) -> "BlockSparseMatrix":
+        """From a ``torch.sparse_bsr`` tensor."""
+        if t.layout != torch.sparse_bsr:
+            raise ValueError(f"t: expected a torch.sparse_bsr tensor, got layout {t.layout}")
+        v = t.values()
+        return cls((t.shape[0], t.shape[1]), (v.shape[1], v.shape[2]), t.crow_indices(), t.col_indices(), v)
