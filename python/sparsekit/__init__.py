@@ -10,11 +10,13 @@ variable (default: all cores) or :func:`set_num_threads`; it is rebuilt in forke
 """
 
 from . import _core, comm, moe, sparsity
+from .blocksparse import BlockSparseMatrix
 from .select import block_topk_mask, global_topk_masks, kth_largest, nm_mask, quantile, topk_mask
 
 __version__: str = _core.__version__
 
 __all__ = [
+    "BlockSparseMatrix",
     "__version__",
     "block_topk_mask",
     "get_num_threads",

@@ -19,6 +19,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "build_profile",
+    "bsr_kernel",
 ]
 
 __version__: str
@@ -126,6 +127,16 @@ def aux_free_update(bias: npt.NDArray[np.generic], counts: npt.NDArray[np.generi
 # (end of comm)
 
 # ---- spmm (rust/sparsekit-py/src/spmm.rs) ----
+def bsr_kernel(
+    op: str,
+    shape: tuple[int, int],
+    block: tuple[int, int],
+    layout: Sequence[npt.NDArray[np.int64]],
+    a: npt.NDArray[np.float32],
+    b: npt.NDArray[np.float32],
+    m: int,
+    out: npt.NDArray[np.float32],
+) -> None: ...
 # (end of spmm)
 
 # ---- sparsity (rust/sparsekit-py/src/sparsity.rs) ----
