@@ -17,6 +17,22 @@ def register_backend(device_type: str, backend: Any) -> None:
     BACKENDS[device_type] = backend
 
 
+def _backend(x: torch.Tensor) -> Any:
+    """The backend for ``x``: the CUDA kernels for CUDA tensors and, inside
+    ``sparsekit.testing.simulated_cuda()``, for CPU tensors (run on the CPU shim); else by device type."""
+    from . import _cuda
+
+    if _cuda.runs_on_device(x) and x.dtype in (torch.float32, torch.float64):
+        if "cuda" not in BACKENDS:
+            from ._cuda_spmm import OpsBackend
+
+            register_backend("cuda", OpsBackend())
+        return BACKENDS["cuda"]
+    if x.device.type not in BACKENDS:
+        raise ValueError(f"x: no block-sparse backend for device {x.device.type!r}")
+    return BACKENDS[x.device.type]
+
+
 def _np(t: torch.Tensor) -> Any:
     return t.detach().contiguous().reshape(-1).numpy()
 
@@ -69,13 +85,13 @@ class _BsrLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, values)
         ctx.w = w
-        return BACKENDS[x.device.type].linear(x, w)
+        return _backend(x).linear(x, w)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> Any:  # type: ignore[override]
         x, values = ctx.saved_tensors
         w = ctx.w
-        be = BACKENDS[x.device.type]
+        be = _backend(x)
         dx = be.linear_grad_input(dy.contiguous(), w) if ctx.needs_input_grad[0] else None
         dv = be.sdd(dy.contiguous(), x, w).to(values.dtype) if ctx.needs_input_grad[1] else None
         return dx, dv, None
@@ -85,8 +101,7 @@ def bsr_linear(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None 
     """``x @ W^T (+ bias)`` for ``x`` of any leading shape ``[..., K]``; differentiable in ``x``, ``w.values``, ``bias``."""
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match W's in_features {w.shape[1]}")
-    if x.device.type not in BACKENDS:
-        raise ValueError(f"x: no block-sparse backend for device {x.device.type!r}")
+    _backend(x)  # a clear error before autograd if no backend serves x
     lead = x.shape[:-1]
     y = _BsrLinear.apply(x.reshape(-1, w.shape[1]).contiguous(), w.values, w).reshape(*lead, w.shape[0])
     return y + bias if bias is not None else y
