@@ -6,7 +6,7 @@ import zipfile
 REQUIRED = [
     "sparsekit/__init__.py", "sparsekit/_core.pyi", "sparsekit/py.typed", "sparsekit/select.py", "sparsekit/testing.py",
     "sparsekit/demo.py", "sparsekit/bench.py", "sparsekit/sparsity/__init__.py", "sparsekit/moe/__init__.py",
-    "sparsekit/comm/__init__.py",
+    "sparsekit/comm/__init__.py", "sparsekit/blocksparse.py", "sparsekit/ops.py", "sparsekit/nn.py",
 ]
 REQUIRED_PREFIXES = ["sparsekit/_core."]  # the compiled extension
 CUDA_DIR = "sparsekit/cuda/"
