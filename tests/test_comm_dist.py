@@ -64,6 +64,7 @@ def _train(rank: int, world: int, steps: int, per: int, accum: int, cap: float):
 
 
 def _worker(rank, world, path, q):
+    torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
         out = {}
@@ -149,7 +150,7 @@ def _extra(rank, world):
 @pytest.fixture(scope="module", params=[2, 4])
 def results(request):
     world = request.param
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # forked children of a process whose torch pool ran can hang
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "pg")
