@@ -99,7 +99,6 @@ def sparsity_cases(scale: float, repeats: int) -> list[Case]:
             layer.weight.copy_(torch.randn(side, side, generator=gen))
     model = torch.nn.Sequential(*layers)
     weights = [layer.weight.detach().clone() for layer in layers]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     n = sum(w.numel() for w in weights)
     k = int(0.1 * n + 0.5)
 
@@ -107,6 +106,7 @@ def sparsity_cases(scale: float, repeats: int) -> list[Case]:
         with torch.no_grad():
             for layer, w in zip(layers, weights):
                 layer.weight.copy_(w)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # fresh: the controller hooks into its optimizer
         ds = DynamicSparsity(model, optimizer, density=0.1, method="magnitude", distribution="global")
         return list(ds.masks.values())
 

@@ -155,12 +155,17 @@ class CharLM(nn.Module):
         return self.norm(x) @ self.embed.weight.T
 
 
+def is_router(name: str) -> bool:
+    """Whether ``name`` is an MoE layer's router (gate) weight."""
+    return name.endswith("moe.gate")
+
+
 def sparse_parameters(model: CharLM) -> list[tuple[str, nn.Parameter]]:
-    """The weights DynamicSparsity manages: attention and expert matrices (not embeddings, norms, router)."""
+    """The weights DynamicSparsity manages: attention and expert matrices (not embeddings, norms, routers)."""
     return [
         (name, p)
         for name, p in model.named_parameters()
-        if p.dim() >= 2 and not name.startswith(("embed", "pos")) and "router" not in name and "gate" not in name.split(".")[-1]
+        if p.dim() >= 2 and not name.startswith(("embed", "pos")) and not is_router(name)
     ]
 
 
@@ -220,8 +225,8 @@ def train_one(name: str, cfg: DemoConfig, train: torch.Tensor, val: torch.Tensor
 
     torch.manual_seed(cfg.seed)
     model = CharLM(cfg, balance=name != "unbalanced")
-    routers = [p for n, p in model.named_parameters() if n.endswith("moe.gate")]
-    others = [p for n, p in model.named_parameters() if not n.endswith("moe.gate")]
+    routers = [p for n, p in model.named_parameters() if is_router(n)]
+    others = [p for n, p in model.named_parameters() if not is_router(n)]
     groups: list[dict[str, Any]] = [{"params": others}, {"params": routers, "lr": cfg.lr * cfg.router_lr_scale}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     sync = GradientSync(model) if distributed else None

@@ -5,6 +5,11 @@ use numpy::{Element, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods}
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+/// One array as the one-element list `readonly` / `readwrite` take.
+pub fn one<'py>(x: &Bound<'py, PyAny>) -> [Bound<'py, PyAny>; 1] {
+    [x.clone()]
+}
+
 pub fn readonly<'py, E: Element>(arrays: &[Bound<'py, PyAny>], arg: &str, dtype: &str) -> PyResult<Vec<PyReadonlyArray1<'py, E>>> {
     arrays
         .iter()

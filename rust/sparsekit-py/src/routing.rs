@@ -7,12 +7,8 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use sparsekit_core::routing::{self, DropPolicy, Gate, GroupMode, ScoreFn};
 
-use crate::arrays::{readonly, readwrite, slices, slices_mut};
+use crate::arrays::{one, readonly, readwrite, slices, slices_mut};
 use crate::error::detach;
-
-fn one<'py>(x: &Bound<'py, PyAny>) -> [Bound<'py, PyAny>; 1] {
-    [x.clone()]
-}
 
 fn parse_score(s: &str) -> PyResult<ScoreFn> {
     match s {

@@ -8,7 +8,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use sparsekit_core::select::{self, BlockGrid, BlockNorm, Order, Score};
 
-use crate::arrays::{readonly, readwrite, slices, slices_mut};
+use crate::arrays::{one, readonly, readwrite, slices, slices_mut};
 use crate::error::detach;
 use crate::with_dtype;
 
@@ -27,10 +27,6 @@ fn parse_norm(norm: &str) -> PyResult<BlockNorm> {
         "max" => Ok(BlockNorm::Max),
         other => Err(PyValueError::new_err(format!("norm must be 'l1', 'l2' or 'max', got {other:?}"))),
     }
-}
-
-fn one<'py>(x: &Bound<'py, PyAny>) -> [Bound<'py, PyAny>; 1] {
-    [x.clone()]
 }
 
 /// Top-k masks over all `sources` together, written into `masks` (bool arrays of the same lengths).
