@@ -66,7 +66,7 @@ bench: install
 
 # Mutation check of the CUDA kernels on the shim (cuda/sim/mutants.py): each __syncthreads() removed and
 # each atomicAdd made a plain +=, one at a time; every mutant must be caught by the race-checked tests.
-mutants: $(VENV)/.ready
+mutants: dev
 	$(PY) cuda/sim/mutants.py $(MUTANT_ARGS)
 
 clean:

@@ -1,4 +1,6 @@
-"""The shim's race-check switch and the mutation script's helpers (cuda/sim/mutants.py)."""
+"""The mutation script's helpers (cuda/sim/mutants.py) and the kernel-directory override it uses.
+
+The race check itself: tests/test_cuda_race.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sparsekit import _cuda
-from sparsekit._cudasim import RaceError, SimRawModule
+from sparsekit._cudasim import RaceError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,15 +25,6 @@ def _mutants():  # type: ignore[no-untyped-def]
 
 def test_race_error_is_runtime_error() -> None:
     assert issubclass(RaceError, RuntimeError)
-
-
-def test_race_check_refused_until_implemented(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The happens-before detector is not in this build: asking for it must fail loudly, never pass silently.
-    with pytest.raises(NotImplementedError):
-        SimRawModule("__global__ void k(int* x) { x[0] = 1; }", race_check=True)
-    monkeypatch.setenv("SPARSEKIT_SIM_RACE_CHECK", "1")
-    with pytest.raises(NotImplementedError):
-        SimRawModule("__global__ void k(int* x) { x[0] = 1; }")
 
 
 def test_kernel_dir_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -43,6 +43,19 @@
 #define CUDASIM 1
 #define SPARSEKIT_CUDASIM 1
 
+// Race-check builds (-DCUDASIM_RACE_CHECK -fsanitize=thread, process started with libtsan preloaded):
+// every CUDA thread is also a ThreadSanitizer fiber, switched with the no-sync flag so that switching
+// orders nothing, and the real orderings are declared: kernel start (fiber creation) and end,
+// __syncthreads per block and barrier generation, warp collectives per group, atomics as atomics.
+// The runtime itself is never instrumented (CUDASIM_RT): only the kernels' memory accesses are checked.
+#define CUDASIM_RT __attribute__((no_sanitize("thread")))
+#if defined(CUDASIM_RACE_CHECK)
+#include <sanitizer/tsan_interface.h>
+#define CUDASIM_TSAN(...) __VA_ARGS__
+#else
+#define CUDASIM_TSAN(...)
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // 1. Qualifiers and attributes (no-ops on the CPU). __shared__ is one copy per OS worker thread,
 //    which runs one block at a time: exactly "one copy per running block".
@@ -139,10 +152,26 @@ struct Fiber {
   int state;
   int lin, lane;
   Site site;  // where it waits (diagnostics)
+  void* tsan;  // its ThreadSanitizer fiber (race-check builds)
 #if !defined(CUDASIM_ASM_SWITCH)
   ucontext_t uc;
 #endif
 };
+
+#if defined(CUDASIM_RACE_CHECK)
+// Happens-before bookkeeping of one block. Fresh on the heap per block, so no sync object outlives it.
+inline thread_local volatile char tls_probe;
+struct RaceSync {
+  char bar[2];               // __syncthreads: released/acquired by barrier generation parity
+  char lane[1024][4];        // a thread's release at a warp collective, by its collective count mod 4
+  uint32_t count[1024];      // collectives a thread has entered
+  uint32_t entered[1024];    // its count at the collective it waits in
+  uint32_t group[1024];      // lanes of the group that released it
+  uint8_t snap[1024][32];    // those lanes' counts (mod 4) when the group completed
+};
+#else
+struct RaceSync;
+#endif
 
 struct Block {
   Launch* L;
@@ -157,6 +186,9 @@ struct Block {
 #endif
   bool error;
   uint3 bid;
+  unsigned bar_gen;  // completed __syncthreads
+  RaceSync* rs;      // race-check builds
+  void* sched_tsan;  // the scheduler's ThreadSanitizer context (race-check builds)
 };
 
 struct Launch {
@@ -170,6 +202,9 @@ struct Launch {
   std::atomic<int> failed{0};
   std::atomic<int> err_claimed{0};
   char err[2048];
+  char end_sync;  // every thread releases here when it exits; the host acquires after the launch
+  void** dead_fibers = nullptr;  // race check: finished blocks' TSan fibers, kept so reports can name them
+  long long n_dead = 0, cap_dead = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -220,7 +255,7 @@ cudasim_trampoline:
 )");
 
 // Prepare a fresh stack so that the first switch "returns" into the trampoline with r12 = f.
-inline void* init_stack(char* top, Fiber* f) {
+CUDASIM_RT inline void* init_stack(char* top, Fiber* f) {
   uintptr_t t = (uintptr_t)top & ~(uintptr_t)15;
   uint64_t* ret = (uint64_t*)(t - 24);  // ret slot == 8 mod 16 -> aligned call in the trampoline
   uint64_t* sp = ret - 7;
@@ -232,8 +267,14 @@ inline void* init_stack(char* top, Fiber* f) {
   ret[0] = (uint64_t)(uintptr_t)&cudasim_trampoline;
   return sp;
 }
-inline void to_fiber(Block* b, Fiber* f) { cudasim_switch(&b->sched_sp, f->sp); }
-inline void to_scheduler(Fiber* f) { cudasim_switch(&f->sp, f->block->sched_sp); }
+CUDASIM_RT inline void to_fiber(Block* b, Fiber* f) {
+  CUDASIM_TSAN(__tsan_switch_to_fiber(f->tsan, __tsan_switch_to_fiber_no_sync));
+  cudasim_switch(&b->sched_sp, f->sp);
+}
+CUDASIM_RT inline void to_scheduler(Fiber* f) {
+  CUDASIM_TSAN(__tsan_switch_to_fiber(f->block->sched_tsan, __tsan_switch_to_fiber_no_sync));
+  cudasim_switch(&f->sp, f->block->sched_sp);
+}
 inline uintptr_t stack_pointer() { uintptr_t p; asm volatile("movq %%rsp, %0" : "=r"(p)); return p; }
 #else
 extern "C" void cudasim_fiber_main(Fiber* f) __attribute__((visibility("hidden")));
@@ -248,8 +289,14 @@ inline void init_uc(Fiber* f, char* stack_lo, size_t size) {
   uintptr_t p = (uintptr_t)f;
   makecontext(&f->uc, (void (*)())uc_entry, 2, (unsigned)(p >> 32), (unsigned)(p & 0xffffffffu));
 }
-inline void to_fiber(Block* b, Fiber* f) { swapcontext(&b->sched_uc, &f->uc); }
-inline void to_scheduler(Fiber* f) { swapcontext(&f->uc, &f->block->sched_uc); }
+CUDASIM_RT inline void to_fiber(Block* b, Fiber* f) {
+  CUDASIM_TSAN(__tsan_switch_to_fiber(f->tsan, __tsan_switch_to_fiber_no_sync));
+  swapcontext(&b->sched_uc, &f->uc);
+}
+CUDASIM_RT inline void to_scheduler(Fiber* f) {
+  CUDASIM_TSAN(__tsan_switch_to_fiber(f->block->sched_tsan, __tsan_switch_to_fiber_no_sync));
+  swapcontext(&f->uc, &f->block->sched_uc);
+}
 inline uintptr_t stack_pointer() { volatile char c = 0; return (uintptr_t)&c; }
 #endif
 
@@ -263,13 +310,13 @@ __attribute__((always_inline)) inline Fiber* self() {
 // ---------------------------------------------------------------------------------------------
 // 5. Errors: recorded once per launch; the fiber that fails never runs again.
 // ---------------------------------------------------------------------------------------------
-inline void set_error(Launch* L, const char* msg) {
+CUDASIM_RT inline void set_error(Launch* L, const char* msg) {
   if (L->err_claimed.exchange(1) == 0) {
     snprintf(L->err, sizeof L->err, "%s", msg);
   }
   L->failed.store(1);
 }
-[[noreturn]] inline void abort_block(const char* msg) {
+CUDASIM_RT [[noreturn]] inline void abort_block(const char* msg) {
   Fiber* f = self();
   Block* b = f->block;
   char buf[1800];
@@ -285,9 +332,9 @@ inline void set_error(Launch* L, const char* msg) {
 // ---------------------------------------------------------------------------------------------
 // 6. Block barrier (__syncthreads and friends)
 // ---------------------------------------------------------------------------------------------
-inline void yield_now(Fiber* f) { to_scheduler(f); }
+CUDASIM_RT inline void yield_now(Fiber* f) { to_scheduler(f); }
 
-inline int block_barrier(int pred, Site s) {
+CUDASIM_RT inline int block_barrier(int pred, Site s) {
   Fiber* f = self();
   Block* b = f->block;
   if (b->arrived == 0) {
@@ -299,12 +346,15 @@ inline int block_barrier(int pred, Site s) {
              s.line, b->bar_site.file, b->bar_site.line);
     abort_block(m);
   }
+  const unsigned gen = b->bar_gen;
+  CUDASIM_TSAN(__tsan_release(&b->rs->bar[gen & 1]));
   b->arrived++;
   b->pred_count += pred != 0;
   f->site = s;
   if (b->arrived == b->n) {  // last one in: release everybody (they resume in schedule order)
     b->bar_result = b->pred_count;
     b->arrived = 0;
+    b->bar_gen++;
     for (int i = 0; i < b->n; i++)
       if (b->fibers[i]->state == BAR_WAIT) b->fibers[i]->state = RUNNABLE;
     f->state = RUNNABLE;
@@ -320,6 +370,8 @@ inline int block_barrier(int pred, Site s) {
     }
   }
   yield_now(f);
+  // Everybody released before anybody acquires; a thread can be a generation ahead, never two.
+  CUDASIM_TSAN(__tsan_acquire(&b->rs->bar[gen & 1]));
   return b->bar_result;
 }
 
@@ -327,7 +379,7 @@ inline int block_barrier(int pred, Site s) {
 // 7. Warp collectives: every lane posts its value and waits; when all non-exited lanes named in
 //    the mask have arrived, results for the whole group are computed at once.
 // ---------------------------------------------------------------------------------------------
-inline void warp_compute(Warp* w, uint32_t m, int op) {
+CUDASIM_RT inline void warp_compute(Warp* w, uint32_t m, int op) {
   uint32_t ballot = 0;
   for (uint32_t r = m; r; r &= r - 1) {
     int l = __builtin_ctz(r);
@@ -384,7 +436,7 @@ inline void warp_compute(Warp* w, uint32_t m, int op) {
 }
 
 // Release the group `lane` waits in if it is complete. Returns false on a usage error (message in buf).
-inline bool warp_try_release(Block* b, Warp* w, int lane, char* buf, size_t bufsz) {
+CUDASIM_RT inline bool warp_try_release(Block* b, Warp* w, int lane, char* buf, size_t bufsz) {
   uint32_t m = w->mask[lane] & w->live;
   if ((w->waiting & m) != m) return true;
   for (uint32_t r = m; r; r &= r - 1) {
@@ -398,11 +450,18 @@ inline bool warp_try_release(Block* b, Warp* w, int lane, char* buf, size_t bufs
   warp_compute(w, m, w->op[lane]);
   w->waiting &= ~m;
   int base = (int)(w - b->warps) * 32;
+#if defined(CUDASIM_RACE_CHECK)
+  for (uint32_t r = m; r; r &= r - 1) {
+    int l = base + __builtin_ctz(r);
+    b->rs->group[l] = m;
+    for (uint32_t q = m; q; q &= q - 1) b->rs->snap[l][__builtin_ctz(q)] = (uint8_t)(b->rs->entered[base + __builtin_ctz(q)] & 3);
+  }
+#endif
   for (uint32_t r = m; r; r &= r - 1) b->fibers[base + __builtin_ctz(r)]->state = RUNNABLE;
   return true;
 }
 
-inline uint64_t warp_op(uint32_t mask, int op, uint64_t v, int arg, int width, Site s) {
+CUDASIM_RT inline uint64_t warp_op(uint32_t mask, int op, uint64_t v, int arg, int width, Site s) {
   Fiber* f = self();
   Warp* w = f->warp;
   int lane = f->lane;
@@ -421,9 +480,24 @@ inline uint64_t warp_op(uint32_t mask, int op, uint64_t v, int arg, int width, S
   w->waiting |= 1u << lane;
   f->state = WARP_WAIT;
   f->site = s;
+#if defined(CUDASIM_RACE_CHECK)
+  // Release under this thread's collective count; on resuming, acquire what each lane of the group
+  // released at this very collective (a lane completes at most one more before we resume: 4 slots do).
+  RaceSync* rs = f->block->rs;
+  const uint32_t c = rs->count[f->lin]++;
+  rs->entered[f->lin] = c;
+  __tsan_release(&rs->lane[f->lin][c & 3]);
+#endif
   char buf[512];
   if (!warp_try_release(f->block, w, lane, buf, sizeof buf)) abort_block(buf);
   yield_now(f);
+#if defined(CUDASIM_RACE_CHECK)
+  const int base = f->lin - lane;
+  for (uint32_t r = rs->group[f->lin]; r; r &= r - 1) {
+    int l = __builtin_ctz(r);
+    __tsan_acquire(&rs->lane[base + l][rs->snap[f->lin][l]]);
+  }
+#endif
   return w->out[lane];
 }
 
@@ -444,9 +518,10 @@ inline T from_bits(uint64_t u) {
 // ---------------------------------------------------------------------------------------------
 // 8. Fiber entry/exit and the per-block scheduler
 // ---------------------------------------------------------------------------------------------
-inline void fiber_exit(Fiber* f) {
+CUDASIM_RT inline void fiber_exit(Fiber* f) {
   Block* b = f->block;
   Warp* w = f->warp;
+  CUDASIM_TSAN(__tsan_release(&b->L->end_sync));
   f->state = DONE;
   b->live--;
   w->live &= ~(1u << f->lane);
@@ -475,7 +550,7 @@ inline void fiber_exit(Fiber* f) {
 
 }  // namespace cudasim
 
-extern "C" __attribute__((visibility("hidden"), used)) inline void cudasim_fiber_main(cudasim::Fiber* f) {
+extern "C" __attribute__((visibility("hidden"), used)) CUDASIM_RT inline void cudasim_fiber_main(cudasim::Fiber* f) {
   f->block->L->entry(f->block->L->ctx);
   cudasim::fiber_exit(f);
 }
@@ -486,6 +561,8 @@ namespace cudasim {
 // [guard page | stack (grows down) | Fiber header]. Pooled per loaded module and reused; pages are
 // only committed when touched, so a small kernel costs about one page per thread.
 struct Arena {
+  char* raw;
+  size_t total;
   char* base;
   unsigned char* dyn;
   size_t dyn_size;
@@ -497,17 +574,31 @@ struct Arena {
 inline pthread_mutex_t g_arena_mu = PTHREAD_MUTEX_INITIALIZER;
 inline Arena* g_free_arenas = nullptr;
 
-inline Arena* arena_acquire() {
-  pthread_mutex_lock(&g_arena_mu);
-  Arena* a = g_free_arenas;
-  if (a) g_free_arenas = a->next_free;
-  pthread_mutex_unlock(&g_arena_mu);
-  if (a) return a;
+// Race-check builds never pool: each block gets fresh mappings and a fresh dynamic shared buffer, so
+// that TSan (which resets its history of memory on mmap/munmap and malloc/free) sees nothing of the
+// previous block's threads there.
+#if defined(CUDASIM_RACE_CHECK)
+constexpr bool kPoolArenas = false;
+#else
+constexpr bool kPoolArenas = true;
+#endif
+
+CUDASIM_RT inline Arena* arena_acquire() {
+  Arena* a = nullptr;
+  if (kPoolArenas) {
+    pthread_mutex_lock(&g_arena_mu);
+    a = g_free_arenas;
+    if (a) g_free_arenas = a->next_free;
+    pthread_mutex_unlock(&g_arena_mu);
+    if (a) return a;
+  }
   a = new Arena();
   const size_t S = CUDASIM_STACK_SIZE, page = (size_t)sysconf(_SC_PAGESIZE);
   size_t total = S * 1024 + S;
   char* raw = (char*)mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) { delete a; return nullptr; }
+  a->raw = raw;
+  a->total = total;
   a->base = (char*)(((uintptr_t)raw + S - 1) & ~(uintptr_t)(S - 1));
   for (int i = 0; i < 1024; i++) {
     char* slot = a->base + (size_t)i * S;
@@ -518,7 +609,13 @@ inline Arena* arena_acquire() {
   a->dyn_size = 0;
   return a;
 }
-inline void arena_release(Arena* a) {
+CUDASIM_RT inline void arena_release(Arena* a) {
+  if (!kPoolArenas) {
+    munmap(a->raw, a->total);
+    free(a->dyn);
+    delete a;
+    return;
+  }
   pthread_mutex_lock(&g_arena_mu);
   a->next_free = g_free_arenas;
   g_free_arenas = a;
@@ -532,7 +629,7 @@ inline uint64_t splitmix(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
-inline void diagnose_deadlock(Block* b) {
+CUDASIM_RT inline void diagnose_deadlock(Block* b) {
   char m[1800];
   int bar = 0, warpw = 0, done = 0;
   Site bs, ws;
@@ -555,7 +652,7 @@ inline void diagnose_deadlock(Block* b) {
   b->error = true;
 }
 
-inline void run_block(Launch* L, Arena* a, long long linear) {
+CUDASIM_RT inline void run_block(Launch* L, Arena* a, long long linear) {
   Block blk{};
   Block* b = &blk;
   b->L = L;
@@ -592,6 +689,23 @@ inline void run_block(Launch* L, Arena* a, long long linear) {
     init_uc(f, slot + page, CUDASIM_STACK_SIZE - page - kHeader);
 #endif
   }
+#if defined(CUDASIM_RACE_CHECK)
+  // This block's memory has no history: fresh stacks and dynamic shared memory (kPoolArenas), and
+  // static __shared__ lives in the TLS of a fresh OS thread (run_launch), which TSan resets.
+  b->rs = new RaceSync();
+  b->sched_tsan = __tsan_get_current_fiber();
+  // The module's thread-local block (static __shared__) is allocated and zeroed on first touch: let
+  // the scheduler touch it, so that the kernel's first access does not race with that zeroing.
+  tls_probe = 1;
+  for (int i = 0; i < n; i++) {
+    Fiber* f = a->fibers[i];
+    f->tsan = __tsan_create_fiber(0);  // ordered after everything the host did before the launch
+    char name[96];
+    snprintf(name, sizeof name, "block (%u,%u,%u) thread (%u,%u,%u)", b->bid.x, b->bid.y, b->bid.z, f->tid.x, f->tid.y,
+             f->tid.z);
+    __tsan_set_fiber_name(f->tsan, name);
+  }
+#endif
   uint64_t rng = L->seed * 0x2545F4914F6CDD1Dull + (uint64_t)linear * 0x9E3779B97F4A7C15ull + 1;
   uint32_t* order = a->order;
   for (int i = 0; i < n; i++) order[i] = L->schedule == 1 ? (uint32_t)(n - 1 - i) : (uint32_t)i;
@@ -611,10 +725,25 @@ inline void run_block(Launch* L, Arena* a, long long linear) {
     }
     if (!ran && !b->error && b->live > 0) diagnose_deadlock(b);
   }
+#if defined(CUDASIM_RACE_CHECK)
+  // Keep the fibers until the launch ends (a report needs the other thread's name and stack), within
+  // a bound on how many live TSan threads a launch may hold.
+  if (L->n_dead + n > L->cap_dead) {
+    long long cap = L->cap_dead ? L->cap_dead * 2 : 4096;
+    while (cap < L->n_dead + n) cap *= 2;
+    L->dead_fibers = (void**)realloc(L->dead_fibers, (size_t)cap * sizeof(void*));
+    L->cap_dead = cap;
+  }
+  for (int i = 0; i < n; i++) L->dead_fibers[L->n_dead++] = a->fibers[i]->tsan;
+  if (L->n_dead > 3072) {  // TSan (gcc 12) holds at most 8128 threads
+    for (long long i = 0; i < L->n_dead; i++) __tsan_destroy_fiber(L->dead_fibers[i]);
+    L->n_dead = 0;
+  }
+  delete b->rs;
+#endif
 }
 
-inline void* worker_main(void* p) {
-  Launch* L = (Launch*)p;
+CUDASIM_RT inline Arena* arena_for(Launch* L) {
   Arena* a = arena_acquire();
   if (!a) { set_error(L, "cudasim: cannot allocate fiber stacks (mmap failed)"); return nullptr; }
   if (a->dyn_size < L->smem || !a->dyn) {
@@ -622,6 +751,13 @@ inline void* worker_main(void* p) {
     a->dyn_size = L->smem < 16 ? 16 : L->smem;
     a->dyn = (unsigned char*)aligned_alloc(128, (a->dyn_size + 127) / 128 * 128);
   }
+  return a;
+}
+
+CUDASIM_RT inline void* worker_main(void* p) {
+  Launch* L = (Launch*)p;
+  Arena* a = arena_for(L);
+  if (!a) return nullptr;
   const long long nblocks = (long long)L->grid.x * L->grid.y * L->grid.z;
   for (;;) {
     if (L->failed.load(std::memory_order_relaxed)) break;
@@ -633,8 +769,16 @@ inline void* worker_main(void* p) {
   return nullptr;
 }
 
+struct OneBlock { Launch* L; long long i; };
+CUDASIM_RT inline void* one_block_main(void* p) {
+  OneBlock* o = (OneBlock*)p;
+  Arena* a = arena_for(o->L);
+  if (a) { run_block(o->L, a, o->i); arena_release(a); }
+  return nullptr;
+}
+
 // cfg: gx gy gz bx by bz shared_mem schedule seed threads
-inline int run_launch(void (*entry)(void*), void* ctx, const long long* cfg, char* err, int errlen) {
+CUDASIM_RT inline int run_launch(void (*entry)(void*), void* ctx, const long long* cfg, char* err, int errlen) {
   Launch L;
   L.entry = entry;
   L.ctx = ctx;
@@ -648,12 +792,27 @@ inline int run_launch(void (*entry)(void*), void* ctx, const long long* cfg, cha
   long long nthreads = cfg[9] > 0 ? cfg[9] : 1;
   if (nthreads > nblocks) nthreads = nblocks;
   if (nthreads > 64) nthreads = 64;
+#if defined(CUDASIM_RACE_CHECK)
+  // One fresh OS thread per block, one after another. The host's create/join orders only the
+  // schedulers (which never acquire from the kernel's threads), so blocks stay unordered for TSan.
+  (void)nthreads;
+  for (long long i = 0; i < nblocks && !L.failed.load(); i++) {
+    OneBlock o{&L, i};
+    pthread_t t;
+    if (pthread_create(&t, nullptr, one_block_main, &o) != 0) { set_error(&L, "cudasim: cannot start a block thread"); break; }
+    pthread_join(t, nullptr);
+  }
+  __tsan_acquire(&L.end_sync);
+  for (long long i = 0; i < L.n_dead; i++) __tsan_destroy_fiber(L.dead_fibers[i]);
+  free(L.dead_fibers);
+#else
   pthread_t tids[64];
   int started = 0;
   for (long long t = 1; t < nthreads; t++)
     if (pthread_create(&tids[started], nullptr, worker_main, &L) == 0) started++;
   worker_main(&L);
   for (int t = 0; t < started; t++) pthread_join(tids[t], nullptr);
+#endif
   if (L.failed.load()) {
     if (err && errlen > 0) snprintf(err, (size_t)errlen, "%s", L.err);
     return 1;

@@ -2,8 +2,14 @@
 
 For every ``cuda/*.cu``: remove each ``__syncthreads()`` and turn each ``atomicAdd(a, b)`` into a plain
 ``(a)[0] += b``-style read-modify-write, one mutant at a time, on a temporary copy of ``cuda/`` that the
-loader is pointed at through ``SPARSEKIT_CUDA_DIR``. Then run that file's CUDA tests with
-``SPARSEKIT_SIM_RACE_CHECK=1`` (``pytest -x``) and print caught/survived per mutant plus a summary.
+loader is pointed at through ``SPARSEKIT_CUDA_DIR``. A mutant is caught when
+
+1. the race check fails: ``tests/test_cuda_race.py::test_<stem>_kernels_race_free`` (the file's kernels
+   through their public ops under ``simulated_cuda(race_check=True)``, compared with the Rust path) in a
+   process with ThreadSanitizer loaded (``sparsekit.testing.race_check_env()``), or
+2. failing that, the file's CUDA tests under the fiber schedules fail (``pytest -x``).
+
+It prints caught/survived (and by which check) per mutant, then a summary.
 
 Usage: python cuda/sim/mutants.py [--jobs N] [--only select.cu] [--no-race-check]
 """
@@ -21,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "python"))
+from sparsekit._cudasim import race_check_env  # noqa: E402  (the checkout's, like the tests)
+
 CUDA = ROOT / "cuda"
 TESTS = ROOT / "tests"
 
@@ -82,19 +91,27 @@ def mutants(path: Path) -> list[tuple[int, str, str]]:
     return sorted(out, key=lambda x: x[0])
 
 
+def _pytest(args: list[str], env: dict[str, str]) -> tuple[bool, str]:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not gpu and not slow", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    out = (r.stdout + r.stderr).strip().splitlines()
+    race = next((ln.strip()[2:].strip() for ln in out if "data race in kernel" in ln), None)
+    return r.returncode != 0, (race or (out[-1] if out else ""))[:160]
+
+
 def run_one(cu: Path, line: int, kind: str, text: str, race: bool) -> tuple[str, int, str, bool, str]:
     with tempfile.TemporaryDirectory(prefix="sparsekit-mutant-") as d:
         dst = Path(d) / "cuda"
         shutil.copytree(CUDA, dst, ignore=shutil.ignore_patterns("__pycache__"))
         (dst / cu.name).write_text(text)
-        env = dict(os.environ, SPARSEKIT_CUDA_DIR=str(dst), PYTHONPATH=str(ROOT / "python"))
+        env = dict(os.environ, SPARSEKIT_CUDA_DIR=str(dst), PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(TESTS)]))
         if race:
-            env["SPARSEKIT_SIM_RACE_CHECK"] = "1"
-        tests = [str(t) for t in tests_for(cu.stem)]
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not gpu and not slow", *tests]
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        tail = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
-        return cu.name, line, kind, r.returncode != 0, tail[0]
+            race_test = f"{TESTS / 'test_cuda_race.py'}::test_{cu.stem}_kernels_race_free"
+            failed, tail = _pytest([race_test], race_check_env(env))
+            if failed:
+                return cu.name, line, kind, True, "race check: " + tail
+        failed, tail = _pytest([str(t) for t in tests_for(cu.stem)], env)
+        return cu.name, line, kind, failed, ("schedules: " if failed else "") + tail
 
 
 def main() -> int:

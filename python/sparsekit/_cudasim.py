@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SimFunction", "SimPointer", "SimRawModule"]
+__all__ = ["RaceError", "SimFunction", "SimPointer", "SimRawModule", "race_check_env", "tsan_loaded"]
 
 _VERSION = "1"  # bump to invalidate cached builds when the generated code changes
 _SIM_DIR = Path(__file__).resolve().parent / "cuda" / "sim"
@@ -263,6 +263,108 @@ def _build(cpp: str, key: str, cxx: str, extra: list[str]) -> ctypes.CDLL:
 
 
 # ------------------------------------------------------------------------------------------------
+# Race check: ThreadSanitizer over the fibers (cudasim.h, CUDASIM_RACE_CHECK). TSan's runtime must be
+# in the process from its start (it cannot be dlopen'ed), hence LD_PRELOAD and race_check_env().
+# ------------------------------------------------------------------------------------------------
+# Reports go to a file ($TMPDIR/sparsekit-tsan-<pid>.log) read after each launch.
+TSAN_OPTIONS = "report_signal_unsafe=0 halt_on_error=0 history_size=4 ignore_noninstrumented_modules=1"
+_RACE_FLAGS = ["-DCUDASIM_RACE_CHECK", "-fsanitize=thread", "-g", "-O1"]
+
+
+def tsan_loaded() -> bool:
+    """Whether ThreadSanitizer's runtime is loaded in this process (needed by ``race_check=True``)."""
+    return hasattr(ctypes.CDLL(None), "__tsan_create_fiber")
+
+
+def race_check_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default ``os.environ``) for a Python process that can run race-checked launches:
+    g++'s ThreadSanitizer runtime preloaded and ``TSAN_OPTIONS`` set.
+
+    Example: ``subprocess.run([sys.executable, "-m", "pytest", ...], env=race_check_env())``."""
+    out = dict(os.environ if env is None else env)
+    cxx = _compiler()
+    lib = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True, check=False).stdout.strip()
+    if not lib or not Path(lib).exists():
+        raise RuntimeError(f"cudasim race check: {cxx} has no ThreadSanitizer runtime (libtsan.so); install it (Debian: libtsan2)")
+    out["LD_PRELOAD"] = " ".join(x for x in (str(Path(lib).resolve()), out.get("LD_PRELOAD", "")) if x)
+    out["TSAN_OPTIONS"] = " ".join(x for x in (TSAN_OPTIONS, out.get("TSAN_OPTIONS", "")) if x)
+    return out
+
+
+class _Reports:
+    """TSan's report stream, redirected to a file that each race-checked launch reads from its offset."""
+
+    lock = threading.Lock()
+    _file: Any = None
+
+    @classmethod
+    def fd(cls) -> int:
+        if cls._file is None:
+            # Named and kept: if TSan itself aborts the process, its last words are there.
+            path = Path(tempfile.gettempdir()) / f"sparsekit-tsan-{os.getpid()}.log"
+            cls._file = open(path, "w+b")  # noqa: SIM115 (lives as long as the process)
+            set_fd = getattr(ctypes.CDLL(None), "__sanitizer_set_report_fd")
+            set_fd.argtypes = [ctypes.c_void_p]
+            set_fd(cls._file.fileno())
+        return int(cls._file.fileno())
+
+    @staticmethod
+    def read_from(fd: int, offset: int) -> str:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, size - offset, offset).decode(errors="replace") if size > offset else ""
+
+
+_UNSYMBOLIZED_RE = re.compile(r"\(([^()\s]+\.so)\+(0x[0-9a-f]+)\)")
+
+
+def _addr2line(so: Path, offset: str) -> list[str]:
+    """file:line of an address in ``so``, innermost inlined frame first (TSan's symbolizer misses modules
+    that ctypes loads after its first report)."""
+    tool = shutil.which("addr2line")
+    if tool is None:
+        return []
+    r = subprocess.run([tool, "-i", "-e", str(so), offset], capture_output=True, text=True, check=False)
+    return [ln.split(" (discriminator")[0] for ln in r.stdout.split() if ":" in ln and not ln.startswith("?")]
+
+
+_ACCESS_RE = re.compile(r"^\s*(Previous )?((?:[Aa]tomic )?(?:[Rr]ead|[Ww]rite)) of size (\d+) at \S+ by (thread T\d+|main thread)")
+_FRAME_RE = re.compile(r"^\s*#\d+ .*?(\S+:\d+)")
+_THREAD_RE = re.compile(r"^\s*Thread (T\d+) '([^']*)'")
+
+
+def describe_race(kernel: str, report: str, so: Path | None = None) -> str:
+    """One line naming the kernel, the two accesses (source lines) and their CUDA threads, then the report.
+    ``so``: the kernel module, to symbolize frames TSan left as ``<null>``."""
+    lines = report.splitlines()
+    names = {m.group(1): m.group(2) for m in map(_THREAD_RE.match, lines) if m}
+    accesses = []
+    for i, ln in enumerate(lines):
+        m = _ACCESS_RE.match(ln)
+        if not m:
+            continue
+        block = lines[i + 1 : next((j for j in range(i + 1, len(lines)) if not lines[j].strip()), len(lines))]
+        frames = []
+        for ln in block:
+            f = _FRAME_RE.match(ln)
+            u = _UNSYMBOLIZED_RE.search(ln) if "<null>" in ln else None
+            if u and so is not None and Path(u.group(1)).name == so.name:
+                frames += _addr2line(so, u.group(2))
+            elif f:
+                frames.append(f.group(1))
+        # The kernel's own line (the first frame in a .cu/.cuh file), else the innermost frame.
+        src = next((f for f in frames if re.search(r"\.cuh?:\d+$", f)), frames[0] if frames else "an unknown line")
+        if re.search(r"\.cuh?:\d+$", src):
+            src = Path(src).name  # the name the source's #line gives (the compiler prefixes its cwd)
+        tid = m.group(4).split()[-1]
+        accesses.append(f"{m.group(2).lower()} of {m.group(3)} bytes at {src} by {names.get(tid, m.group(4))}")
+        if len(accesses) == 2:
+            break
+    where = next((ln.strip() for ln in lines if ln.strip().startswith("Location is")), "")
+    head = f"data race in kernel {kernel}: " + "; previous ".join(accesses or ["(report not parsed)"])
+    return head + (f" ({where.rstrip(':')})" if where else "") + "\n\nThreadSanitizer report:\n" + report[-6000:]
+
+
+# ------------------------------------------------------------------------------------------------
 # Argument checking
 # ------------------------------------------------------------------------------------------------
 _NP = {
@@ -435,7 +537,16 @@ class SimFunction:
         m = self._module
         cfg = (ctypes.c_longlong * 10)(*g, *b, int(shared_mem), _SCHEDULES[m.schedule], m.seed & (2**63 - 1), m.threads)
         err = ctypes.create_string_buffer(2048)
-        rc = self._launch(argv, cfg, err, len(err))  # ctypes releases the GIL during the call
+        if m.race_check:
+            with _Reports.lock:  # one race-checked launch at a time, so each report belongs to its launch
+                fd = _Reports.fd()
+                start = os.fstat(fd).st_size
+                rc = self._launch(argv, cfg, err, len(err))
+                report = _Reports.read_from(fd, start)
+            if "ThreadSanitizer" in report:
+                raise RaceError(describe_race(self.name, report, m.so_path))
+        else:
+            rc = self._launch(argv, cfg, err, len(err))  # ctypes releases the GIL during the call
         if rc != 0:
             raise RuntimeError(err.value.decode(errors="replace") or f"cudasim: kernel {self.name} failed")
 
@@ -459,11 +570,13 @@ class SimRawModule:
         include_dirs: tuple[str, ...] = (),
         race_check: bool = False,
     ) -> None:
-        if race_check or os.environ.get("SPARSEKIT_SIM_RACE_CHECK") == "1":
-            # The happens-before detector (issue 5 section 1) is not implemented yet: refuse rather than
-            # pretend to have checked.
-            raise NotImplementedError("race_check=True is not implemented in this build of the CUDA shim")
-        self.race_check = False
+        self.race_check = bool(race_check) or os.environ.get("SPARSEKIT_SIM_RACE_CHECK") == "1"
+        if self.race_check and not tsan_loaded():
+            raise RuntimeError(
+                "cudasim race check needs ThreadSanitizer's runtime loaded when the process starts: run Python "
+                "with the environment of sparsekit.testing.race_check_env(), i.e. LD_PRELOAD=$(g++ "
+                f"-print-file-name=libtsan.so) TSAN_OPTIONS='{TSAN_OPTIONS}'"
+            )
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(_SCHEDULES)}, got {schedule!r}")
         self.schedule = schedule
@@ -486,6 +599,8 @@ class SimRawModule:
         extra = [f"-D{d}" for d in defines]
         if stack_kb:
             extra.append(f"-DCUDASIM_STACK_SIZE={int(stack_kb) * 1024}")
+        if self.race_check:
+            extra += _RACE_FLAGS
         launchers = ['\n#line 1 "<cudasim launchers>"']
         for nm, i in self._index.items():
             launchers.append(
@@ -500,7 +615,9 @@ class SimRawModule:
         for part in (_VERSION, cpp, "\0".join(extra), _HEADER.read_bytes().decode(), _compiler_version(cxx), cxx):
             h.update(part.encode())
             h.update(b"\0")
-        self._lib = _build(cpp, h.hexdigest()[:32], cxx, extra)
+        key = h.hexdigest()[:32]
+        self._lib = _build(cpp, key, cxx, extra)
+        self.so_path = _cache_dir() / f"{key}.so"
         self._funcs: dict[str, SimFunction] = {}
 
     def get_function(self, name: str) -> SimFunction:

@@ -13,6 +13,14 @@ kernel family honour it. Use it to test code paths that only run on CUDA, or to 
         mask = sparsekit.topk_mask(x, k=100)      # cuda/select.cu, executed on the CPU
     assert torch.equal(mask, sparsekit.topk_mask(x, k=100))
 
+``race_check=True`` adds a happens-before race detector (ThreadSanitizer over the fibers): a missing
+barrier or a plain ``+=`` where an atomic belongs raises :class:`RaceError`, naming the kernel, the two
+source lines and the CUDA threads, whether or not any schedule exposes it. ThreadSanitizer's runtime
+must be in the process from its start, so run such code in a process started with
+:func:`race_check_env`::
+
+    subprocess.run([sys.executable, "my_kernel_test.py"], env=sparsekit.testing.race_check_env())
+
 It needs g++ >= 12 (the kernels are compiled once per source and cached under
 ``$SPARSEKIT_SIM_CACHE``, default ``~/.cache/sparsekit/cudasim``); it is slow (a fiber switch per
 barrier), so keep inputs small.
@@ -24,8 +32,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ._cuda import ACTIVE_SIMULATION, Simulation
+from ._cudasim import RaceError, race_check_env
 
-__all__ = ["simulated_cuda"]
+__all__ = ["RaceError", "race_check_env", "simulated_cuda"]
 
 _SCHEDULES = ("forward", "reverse", "random")
 
@@ -43,7 +52,9 @@ def simulated_cuda(
         seed: the seed of the ``"random"`` schedule.
         race_check: also run a happens-before race detector (ThreadSanitizer over the fibers): a data race
             (a missing barrier, a plain ``+=`` where an atomic belongs) raises an error naming the kernel,
-            the two source lines and the threads, whether or not the schedule exposes it. Much slower.
+            the two source lines and the threads, whether or not the schedule exposes it. Much slower
+            (kernels run one block at a time); needs a process started with :func:`race_check_env`
+            (``RuntimeError`` otherwise). Each distinct race is reported once per process.
         threads: OS worker threads running blocks (default ``$SPARSEKIT_SIM_THREADS`` or min(cores, 8)).
 
     Yields the active :class:`~sparsekit._cuda.Simulation`; its ``backends`` hold the compiled kernel
