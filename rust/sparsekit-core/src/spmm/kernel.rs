@@ -38,6 +38,21 @@ impl Isa {
         Isa::Scalar
     }
 
+    /// Every kernel this CPU can run (tests compare them all).
+    pub fn available() -> Vec<Isa> {
+        let mut out = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                out.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                out.push(Isa::Avx512);
+            }
+        }
+        out
+    }
+
     /// Micro-tile columns for output segments `width` wide: 16, or 32 (two zmm) with AVX-512.
     pub fn nr(self, width: usize) -> usize {
         match self {
@@ -166,7 +181,13 @@ unsafe fn micro_avx2<const R: usize>(t: &Tile<'_>) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn micro_avx512<const R: usize, const V: usize>(t: &Tile<'_>) {
-    let lane = |n: usize| -> __mmask16 { if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 } };
+    let lane = |n: usize| -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    };
     let mk = [lane(t.cols), lane(t.cols.saturating_sub(16))];
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     for &(ka, bo) in t.pairs {

@@ -124,7 +124,10 @@ impl Layout<'_> {
                     return Err(invalid("t_perm", format!("entry {j} (block {b}) does not lie in block-column {c}")));
                 }
                 if self.t_row_indices[j] < 0 || self.t_row_indices[j] as usize != block_row[b] {
-                    return Err(invalid("t_row_indices", format!("entry {j} does not match the block-row of block {b}")));
+                    return Err(invalid(
+                        "t_row_indices",
+                        format!("entry {j} does not match the block-row of block {b}"),
+                    ));
                 }
             }
         }
@@ -227,6 +230,10 @@ fn pack_all(isa: Isa, values: &[f32], bh: usize, bw: usize, transpose: bool) -> 
 
 /// `y[m, n] = x[m, k] @ W^T`; `y` is overwritten.
 pub fn linear(l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &mut [f32]) -> Result<(), CoreError> {
+    linear_on(Isa::detect(), l, values, x, m, y)
+}
+
+fn linear_on(isa: Isa, l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &mut [f32]) -> Result<(), CoreError> {
     l.validate()?;
     let bs = l.bh * l.bw;
     check_len("values", values.len(), l.nnz() * bs)?;
@@ -235,7 +242,6 @@ pub fn linear(l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &mut [f32]
     if m == 0 || l.n == 0 {
         return Ok(());
     }
-    let isa = Isa::detect();
     let seg_off: Vec<usize> = l.row_offsets.iter().map(|&o| o as usize).collect();
     let pairs: Vec<(usize, usize)> = (0..l.nnz()).map(|b| (l.col_indices[b] as usize * l.bw, b * bs)).collect();
     pool::run(|| {
@@ -246,7 +252,24 @@ pub fn linear(l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &mut [f32]
 }
 
 /// `dx[m, k] = dy[m, n] @ W`, walking W's blocks by column through the transpose metadata; `dx` is overwritten.
-pub fn linear_grad_input(l: &Layout<'_>, values: &[f32], dy: &[f32], m: usize, dx: &mut [f32]) -> Result<(), CoreError> {
+pub fn linear_grad_input(
+    l: &Layout<'_>,
+    values: &[f32],
+    dy: &[f32],
+    m: usize,
+    dx: &mut [f32],
+) -> Result<(), CoreError> {
+    linear_grad_input_on(Isa::detect(), l, values, dy, m, dx)
+}
+
+fn linear_grad_input_on(
+    isa: Isa,
+    l: &Layout<'_>,
+    values: &[f32],
+    dy: &[f32],
+    m: usize,
+    dx: &mut [f32],
+) -> Result<(), CoreError> {
     l.validate()?;
     let bs = l.bh * l.bw;
     check_len("values", values.len(), l.nnz() * bs)?;
@@ -255,7 +278,6 @@ pub fn linear_grad_input(l: &Layout<'_>, values: &[f32], dy: &[f32], m: usize, d
     if m == 0 || l.k == 0 {
         return Ok(());
     }
-    let isa = Isa::detect();
     let seg_off: Vec<usize> = l.t_offsets.iter().map(|&o| o as usize).collect();
     let pairs: Vec<(usize, usize)> =
         (0..l.nnz()).map(|j| (l.t_row_indices[j] as usize * l.bh, l.t_perm[j] as usize * bs)).collect();
@@ -291,6 +313,10 @@ fn split_columns(a: &[f32], m: usize, cols: usize, width: usize, used: &[bool]) 
 /// `out[b] = a[:, r-block]^T @ b[:, c-block]` for every stored block `b = (r, c)`; `a` is `[m, n]`,
 /// `b` is `[m, k]`, `out` is `[nnz, bh, bw]` (overwritten).
 pub fn sdd(l: &Layout<'_>, a: &[f32], b: &[f32], m: usize, out: &mut [f32]) -> Result<(), CoreError> {
+    sdd_on(Isa::detect(), l, a, b, m, out)
+}
+
+fn sdd_on(isa: Isa, l: &Layout<'_>, a: &[f32], b: &[f32], m: usize, out: &mut [f32]) -> Result<(), CoreError> {
     l.validate()?;
     let (bh, bw, n, k) = (l.bh, l.bw, l.n, l.k);
     let bs = bh * bw;
@@ -304,7 +330,6 @@ pub fn sdd(l: &Layout<'_>, a: &[f32], b: &[f32], m: usize, out: &mut [f32]) -> R
         out.fill(0.0);
         return Ok(());
     }
-    let isa = Isa::detect();
     let (mr0, nr0) = (isa.sdd_mr(), isa.nr(bw));
     // Tasks: runs of at most SDD_GROUP blocks of one block-row, which share the panel of `a`.
     let mut tasks = vec![];
@@ -475,40 +500,42 @@ mod tests {
                 let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
                 let dy: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
                 let w = dense(&o, &values);
-                let mut y = vec![1f32; m * n];
-                linear(&l, &values, &x, m, &mut y).unwrap();
-                let mut yr = vec![0f32; m * n];
-                for a in 0..m {
-                    for i in 0..n {
-                        yr[a * n + i] = (0..k).map(|j| x[a * k + j] * w[i * k + j]).sum();
+                for isa in Isa::available() {
+                    let mut y = vec![1f32; m * n];
+                    linear_on(isa, &l, &values, &x, m, &mut y).unwrap();
+                    let mut yr = vec![0f32; m * n];
+                    for a in 0..m {
+                        for i in 0..n {
+                            yr[a * n + i] = (0..k).map(|j| x[a * k + j] * w[i * k + j]).sum();
+                        }
                     }
-                }
-                close(&y, &yr);
-                let mut dx = vec![1f32; m * k];
-                linear_grad_input(&l, &values, &dy, m, &mut dx).unwrap();
-                let mut dxr = vec![0f32; m * k];
-                for a in 0..m {
-                    for j in 0..k {
-                        dxr[a * k + j] = (0..n).map(|i| dy[a * n + i] * w[i * k + j]).sum();
+                    close(&y, &yr);
+                    let mut dx = vec![1f32; m * k];
+                    linear_grad_input_on(isa, &l, &values, &dy, m, &mut dx).unwrap();
+                    let mut dxr = vec![0f32; m * k];
+                    for a in 0..m {
+                        for j in 0..k {
+                            dxr[a * k + j] = (0..n).map(|i| dy[a * n + i] * w[i * k + j]).sum();
+                        }
                     }
+                    close(&dx, &dxr);
+                    let mut g = vec![1f32; l.nnz() * bh * bw];
+                    sdd_on(isa, &l, &dy, &x, m, &mut g).unwrap();
+                    let gw: Vec<f32> = (0..n * k)
+                        .map(|e| {
+                            let (i, j) = (e / k, e % k);
+                            (0..m).map(|a| dy[a * n + i] * x[a * k + j]).sum()
+                        })
+                        .collect();
+                    // Sampled dense gradient, compared on the stored blocks.
+                    let mut gd = vec![0f32; n * k];
+                    for (e, v) in dense(&o, &g).into_iter().enumerate() {
+                        gd[e] = v;
+                    }
+                    let maskd = dense(&o, &vec![1f32; l.nnz() * bh * bw]);
+                    let gwm: Vec<f32> = gw.iter().zip(&maskd).map(|(a, b)| a * b).collect();
+                    close(&gd, &gwm);
                 }
-                close(&dx, &dxr);
-                let mut g = vec![1f32; l.nnz() * bh * bw];
-                sdd(&l, &dy, &x, m, &mut g).unwrap();
-                let gw: Vec<f32> = (0..n * k)
-                    .map(|e| {
-                        let (i, j) = (e / k, e % k);
-                        (0..m).map(|a| dy[a * n + i] * x[a * k + j]).sum()
-                    })
-                    .collect();
-                // Sampled dense gradient, compared on the stored blocks.
-                let mut gd = vec![0f32; n * k];
-                for (e, v) in dense(&o, &g).into_iter().enumerate() {
-                    gd[e] = v;
-                }
-                let maskd = dense(&o, &vec![1f32; l.nnz() * bh * bw]);
-                let gwm: Vec<f32> = gw.iter().zip(&maskd).map(|(a, b)| a * b).collect();
-                close(&gd, &gwm);
             }
         }
     }
