@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparsekit.blocksparse import BlockSparseMatrix
+from sparsekit.blocksparse import BlockSparseMatrix, block_rows
 
 BACKENDS: Dict[str, Any] = {}
 
@@ -78,7 +78,7 @@ class _CpuBackend:
             full = a.T @ b
             n, k = w.shape
             blocks = full.reshape(n // bh, bh, k // bw, bw).transpose(1, 2)
-            rows = torch.repeat_interleave(torch.arange(n // bh), torch.diff(w.row_offsets))
+            rows = block_rows(w.row_offsets, w.nnz_blocks)
             return blocks[rows, w.col_indices]
         from sparsekit import _core
         out = np.empty(w.nnz_blocks * bh * bw, dtype=np.float32)
@@ -111,7 +111,7 @@ def _dense(w: Any) -> Tensor:
     n, k = w.shape
     bh, bw = w.block
     out = w.values.new_zeros(n // bh, k // bw, bh, bw)
-    rows = torch.repeat_interleave(torch.arange(n // bh, device=w.values.device), torch.diff(w.row_offsets))
+    rows = block_rows(w.row_offsets, w.nnz_blocks)
     out[rows, w.col_indices] = w.values
     return out.transpose(1, 2).reshape(n, k)
 
