@@ -139,9 +139,8 @@ def _op_grad_input(dy: Tensor, values: Tensor, layout: List[Tensor], dims: List[
 @torch.library.custom_op("sparsekit::sdd", mutates_args=())
 def _op_sdd(a: Tensor, b: Tensor, layout: List[Tensor], dims: List[int]) -> Tensor:
     """Blocks of ``a[M, N]^T @ b[M, K]`` at the layout -> ``[nnz, bh, bw]``."""
-    n, k, bh, bw = dims
     # Values are not read by sdd; the CUDA backend takes nnz from their shape.
-    w = _W(a.new_empty(layout[1].shape[0], bh, bw), *layout, (n, k), (bh, bw))
+    w = _mk(a.new_empty(layout[1].shape[0], dims[2], dims[3]), layout, dims)
     return _backend(a).sdd(a.contiguous(), b.contiguous(), w)
 
 
@@ -177,7 +176,7 @@ def _ctx_linear(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     ctx.dims = dims
 
 
-def _bwd_linear(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
+def _bwd_linear(ctx: Any, dy: Tensor) -> Tuple[Any, ...]:
     x, values, *layout = ctx.saved_tensors
     dims = ctx.dims
     dx = torch.ops.sparsekit.bsr_linear_grad_input(dy, values, layout, dims) if ctx.needs_input_grad[0] else None
@@ -191,7 +190,7 @@ def _ctx_sdd(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     ctx.dims = dims
 
 
-def _bwd_sdd(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
+def _bwd_sdd(ctx: Any, g: Tensor) -> Tuple[Any, ...]:
     # out = P(a^T b) with P the sampling at the layout: da = b @ G^T, db = a @ G, G the sparse gradient.
     a, b, *layout = ctx.saved_tensors
     dims = ctx.dims
@@ -207,7 +206,7 @@ def _ctx_matmul(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     ctx.dims = dims
 
 
-def _bwd_matmul(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
+def _bwd_matmul(ctx: Any, g: Tensor) -> Tuple[Any, ...]:
     # out = W x: dW = P(g x^T) = sdd(g^T, x^T), dx = W^T g = (g^T W)^T.
     x, values, *layout = ctx.saved_tensors
     dims = ctx.dims
