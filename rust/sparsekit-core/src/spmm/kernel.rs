@@ -39,6 +39,7 @@ impl Isa {
     }
 
     /// Every kernel this CPU can run (tests compare them all).
+    #[cfg(test)]
     pub fn available() -> Vec<Isa> {
         let mut out = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
