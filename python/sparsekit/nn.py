@@ -45,7 +45,8 @@ class BlockSparseLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + bias`` for ``x`` of shape ``[..., in_features]``."""
-        return bsr_linear(x, self.weight, self.bias)
+        # The parameter goes in as `values` (no attribute write on the matrix: torch.compile traces this).
+        return bsr_linear(x, self._w, self.bias, values=self.values)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, block: Tuple[int, int], mask: torch.Tensor) -> "BlockSparseLinear":

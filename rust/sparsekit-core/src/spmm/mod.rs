@@ -11,13 +11,19 @@
 //! * [`linear_grad_input`]: `dx[m, k] = dy[m, n] @ W` (via the transpose metadata),
 //! * [`sdd`]: `out[b] = a[:, r-block]^T @ b[:, c-block]` for every stored block `b = (r, c)`.
 //!
-//! Every inner loop runs over a contiguous dimension (axpy form), so the compiler vectorises it; an
-//! AVX2+FMA build of each kernel is picked at run time when the CPU has it.
+//! All three run one register-tiled micro-kernel (see [`kernel`]): the dense operand is packed once per
+//! strip of rows and reused across every block-row (or block-column) the task computes, the k-loop runs
+//! over the stored blocks of one block-row, the accumulators never leave registers. AVX2+FMA is picked
+//! at run time (the wheel targets baseline x86-64), with a scalar fallback. Tiles are fixed sizes, so
+//! results never depend on the thread count.
+
+mod kernel;
 
 use rayon::prelude::*;
 
 use crate::error::CoreError;
 use crate::pool;
+use kernel::{micro, pack_blocks, Isa, OutPtr, Tile};
 
 /// Block-sparse layout of an `[n, k]` matrix with `bh x bw` blocks (borrowed index arrays).
 #[derive(Clone, Copy, Debug)]
@@ -118,7 +124,10 @@ impl Layout<'_> {
                     return Err(invalid("t_perm", format!("entry {j} (block {b}) does not lie in block-column {c}")));
                 }
                 if self.t_row_indices[j] < 0 || self.t_row_indices[j] as usize != block_row[b] {
-                    return Err(invalid("t_row_indices", format!("entry {j} does not match the block-row of block {b}")));
+                    return Err(invalid(
+                        "t_row_indices",
+                        format!("entry {j} does not match the block-row of block {b}"),
+                    ));
                 }
             }
         }
@@ -133,197 +142,250 @@ fn check_len(arg: &'static str, got: usize, expected: usize) -> Result<(), CoreE
     Ok(())
 }
 
-/// Rows of the dense operand one task handles.
-const PANEL: usize = 16;
+/// Floats of the dense operand one task keeps hot in L2 across all the segments it computes.
+const STRIP_FLOATS: usize = 128 * 1024;
+/// Tasks the DSD drivers aim for (fixed, so the tiling never depends on the thread count).
+const TASKS: usize = 64;
+/// Depth of one SDD k-chunk: a chunk of A and B panels stays in L1 across the micro-tiles of a block.
+const KC: usize = 128;
+/// Stored blocks one SDD task handles (they share the panel of `a`).
+const SDD_GROUP: usize = 8;
 
-#[inline(always)]
-fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o += a * v;
-    }
+/// Rows of the dense operand per task: the strip `[rows, kd]` fits `STRIP_FLOATS`.
+fn strip_rows(kd: usize, mr: usize) -> usize {
+    (STRIP_FLOATS / kd.max(1) / mr * mr).clamp(mr, 32 * mr)
 }
 
-#[inline(always)]
-fn linear_panel(l: &Layout<'_>, vt: &[f32], x: &[f32], y: &mut [f32]) {
-    let (bh, bw, n, k) = (l.bh, l.bw, l.n, l.k);
-    let rows = y.len() / n.max(1);
-    let bs = bh * bw;
-    for r in 0..l.block_rows() {
-        let (s, e) = (l.row_offsets[r] as usize, l.row_offsets[r + 1] as usize);
-        for m in 0..rows {
-            let yo = &mut y[m * n + r * bh..m * n + r * bh + bh];
-            let xr = &x[m * k..m * k + k];
-            for b in s..e {
-                let c = l.col_indices[b] as usize;
-                let blk = &vt[b * bs..b * bs + bs];
-                let xs = &xr[c * bw..c * bw + bw];
-                for (j, &xv) in xs.iter().enumerate() {
-                    axpy(yo, xv, &blk[j * bh..j * bh + bh]);
-                }
-            }
-        }
-    }
-}
-
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn linear_panel_avx2(l: &Layout<'_>, vt: &[f32], x: &[f32], y: &mut [f32]) {
-    linear_panel(l, vt, x, y)
-}
-
-#[inline(always)]
-fn grad_panel(l: &Layout<'_>, values: &[f32], dy: &[f32], dx: &mut [f32]) {
-    let (bh, bw, n, k) = (l.bh, l.bw, l.n, l.k);
-    let rows = dx.len() / k.max(1);
-    let bs = bh * bw;
-    for c in 0..l.block_cols() {
-        let (s, e) = (l.t_offsets[c] as usize, l.t_offsets[c + 1] as usize);
-        for m in 0..rows {
-            let xo = &mut dx[m * k + c * bw..m * k + c * bw + bw];
-            let dyr = &dy[m * n..m * n + n];
-            for j in s..e {
-                let b = l.t_perm[j] as usize;
-                let r = l.t_row_indices[j] as usize;
-                let blk = &values[b * bs..b * bs + bs];
-                for (i, &g) in dyr[r * bh..r * bh + bh].iter().enumerate() {
-                    axpy(xo, g, &blk[i * bw..i * bw + bw]);
-                }
-            }
-        }
-    }
-}
-
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn grad_panel_avx2(l: &Layout<'_>, values: &[f32], dy: &[f32], dx: &mut [f32]) {
-    grad_panel(l, values, dy, dx)
-}
-
-#[inline(always)]
-fn sdd_block(l: &Layout<'_>, m: usize, r: usize, c: usize, a: &[f32], b: &[f32], out: &mut [f32]) {
-    let (bh, bw, n, k) = (l.bh, l.bw, l.n, l.k);
-    out.fill(0.0);
-    for row in 0..m {
-        let ar = &a[row * n + r * bh..row * n + r * bh + bh];
-        let br = &b[row * k + c * bw..row * k + c * bw + bw];
-        for (i, &av) in ar.iter().enumerate() {
-            axpy(&mut out[i * bw..i * bw + bw], av, br);
-        }
-    }
-}
-
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2,fma")]
+/// `out[m, ldc]` columns `[s * width, (s + 1) * width)` = `a[m, kd] @ B_s` where segment `s` is the sum
+/// over its pairs `(ka, bo)` of `a[:, ka..ka + depth] @ block(bo)`; blocks packed by [`pack_blocks`]
+/// with panels `isa.nr(width)` wide.
 #[allow(clippy::too_many_arguments)]
-unsafe fn sdd_block_avx2(l: &Layout<'_>, m: usize, r: usize, c: usize, a: &[f32], b: &[f32], out: &mut [f32]) {
-    sdd_block(l, m, r, c, a, b, out)
+fn dsd(
+    isa: Isa,
+    a: &[f32],
+    m: usize,
+    kd: usize,
+    seg_off: &[usize],
+    pairs: &[(usize, usize)],
+    width: usize,
+    depth: usize,
+    packed: &[f32],
+    out: &mut [f32],
+    ldc: usize,
+) {
+    let (mr0, nr0) = (isa.mr(), isa.nr(width));
+    let nseg = seg_off.len() - 1;
+    let mc = strip_rows(kd, mr0);
+    let strips = m.div_ceil(mc);
+    let groups = TASKS.div_ceil(strips).clamp(1, nseg.max(1));
+    let per = nseg.div_ceil(groups);
+    let optr = OutPtr(out.as_mut_ptr());
+    (0..strips * groups).into_par_iter().for_each(|t| {
+        let (s, g) = (t / groups, t % groups);
+        let (row0, rows) = (s * mc, mc.min(m - s * mc));
+        let optr = optr;
+        for seg in g * per..((g + 1) * per).min(nseg) {
+            let pr = &pairs[seg_off[seg]..seg_off[seg + 1]];
+            for j0 in (0..width).step_by(nr0) {
+                let cols = nr0.min(width - j0);
+                for r0 in (0..rows).step_by(mr0) {
+                    let mr = mr0.min(rows - r0);
+                    // SAFETY: the layout was validated, so every pair reaches inside `a` and `packed`;
+                    // this task alone writes rows [row0, row0 + rows) x its segments' columns of `out`.
+                    unsafe {
+                        let tile = Tile {
+                            a: a.as_ptr().add((row0 + r0) * kd),
+                            lda: 1,
+                            sa: kd,
+                            pairs: pr,
+                            depth,
+                            b: packed.as_ptr().add(j0 * depth),
+                            ldb: cols,
+                            c: optr.0.add((row0 + r0) * ldc + seg * width + j0),
+                            ldc,
+                            cols,
+                            add: false,
+                        };
+                        micro(isa, nr0, mr, &tile);
+                    }
+                }
+            }
+        }
+    });
 }
 
-fn has_avx2() -> bool {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+/// Blocks packed for [`dsd`], in parallel.
+fn pack_all(isa: Isa, values: &[f32], bh: usize, bw: usize, transpose: bool) -> Vec<f32> {
+    let bs = bh * bw;
+    let nr0 = isa.nr(if transpose { bh } else { bw });
+    let mut packed = vec![0f32; values.len()];
+    if bs > 0 {
+        packed
+            .par_chunks_mut(bs * 64)
+            .zip(values.par_chunks(bs * 64))
+            .for_each(|(o, v)| pack_blocks(v, bh, bw, transpose, nr0, o));
     }
-    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
-    {
-        false
-    }
+    packed
 }
 
 /// `y[m, n] = x[m, k] @ W^T`; `y` is overwritten.
 pub fn linear(l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &mut [f32]) -> Result<(), CoreError> {
+    linear_on(Isa::detect(), l, values, x, m, y)
+}
+
+fn linear_on(isa: Isa, l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &mut [f32]) -> Result<(), CoreError> {
     l.validate()?;
     let bs = l.bh * l.bw;
     check_len("values", values.len(), l.nnz() * bs)?;
     check_len("x", x.len(), m * l.k)?;
     check_len("out", y.len(), m * l.n)?;
-    y.fill(0.0);
     if m == 0 || l.n == 0 {
         return Ok(());
     }
-    let avx = has_avx2();
-    pool::install(|| {
-        // Blocks transposed to [bw, bh] so the inner loop runs over contiguous output columns.
-        let mut vt = vec![0f32; values.len()];
-        vt.par_chunks_mut(bs.max(1)).zip(values.par_chunks(bs.max(1))).for_each(|(t, v)| {
-            for i in 0..l.bh {
-                for j in 0..l.bw {
-                    t[j * l.bh + i] = v[i * l.bw + j];
-                }
-            }
-        });
-        y.par_chunks_mut(PANEL * l.n).zip(x.par_chunks(PANEL * l.k.max(1))).for_each(|(yp, xp)| {
-            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-            if avx {
-                // SAFETY: the CPU supports avx2 and fma (checked above).
-                unsafe { linear_panel_avx2(l, &vt, xp, yp) };
-                return;
-            }
-            let _ = avx;
-            linear_panel(l, &vt, xp, yp)
-        });
-    });
-    Ok(())
+    let seg_off: Vec<usize> = l.row_offsets.iter().map(|&o| o as usize).collect();
+    let pairs: Vec<(usize, usize)> = (0..l.nnz()).map(|b| (l.col_indices[b] as usize * l.bw, b * bs)).collect();
+    pool::run(|| {
+        let packed = pack_all(isa, values, l.bh, l.bw, true);
+        dsd(isa, x, m, l.k, &seg_off, &pairs, l.bh, l.bw, &packed, y, l.n);
+        Ok(())
+    })
 }
 
-/// `dx[m, k] = dy[m, n] @ W`; `dx` is overwritten.
-pub fn linear_grad_input(l: &Layout<'_>, values: &[f32], dy: &[f32], m: usize, dx: &mut [f32]) -> Result<(), CoreError> {
+/// `dx[m, k] = dy[m, n] @ W`, walking W's blocks by column through the transpose metadata; `dx` is overwritten.
+pub fn linear_grad_input(
+    l: &Layout<'_>,
+    values: &[f32],
+    dy: &[f32],
+    m: usize,
+    dx: &mut [f32],
+) -> Result<(), CoreError> {
+    linear_grad_input_on(Isa::detect(), l, values, dy, m, dx)
+}
+
+fn linear_grad_input_on(
+    isa: Isa,
+    l: &Layout<'_>,
+    values: &[f32],
+    dy: &[f32],
+    m: usize,
+    dx: &mut [f32],
+) -> Result<(), CoreError> {
     l.validate()?;
-    check_len("values", values.len(), l.nnz() * l.bh * l.bw)?;
+    let bs = l.bh * l.bw;
+    check_len("values", values.len(), l.nnz() * bs)?;
     check_len("dy", dy.len(), m * l.n)?;
     check_len("out", dx.len(), m * l.k)?;
-    dx.fill(0.0);
     if m == 0 || l.k == 0 {
         return Ok(());
     }
-    let avx = has_avx2();
-    pool::install(|| {
-        dx.par_chunks_mut(PANEL * l.k).zip(dy.par_chunks(PANEL * l.n.max(1))).for_each(|(xp, dp)| {
-            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-            if avx {
-                // SAFETY: the CPU supports avx2 and fma (checked above).
-                unsafe { grad_panel_avx2(l, values, dp, xp) };
-                return;
+    let seg_off: Vec<usize> = l.t_offsets.iter().map(|&o| o as usize).collect();
+    let pairs: Vec<(usize, usize)> =
+        (0..l.nnz()).map(|j| (l.t_row_indices[j] as usize * l.bh, l.t_perm[j] as usize * bs)).collect();
+    pool::run(|| {
+        let packed = pack_all(isa, values, l.bh, l.bw, false);
+        dsd(isa, dy, m, l.n, &seg_off, &pairs, l.bw, l.bh, &packed, dx, l.k);
+        Ok(())
+    })
+}
+
+/// Column blocks of the row-major `a [m, cols]`, each `width` wide, laid out one after another, each
+/// `[m][width]` contiguous: SDD then streams its operands instead of gathering rows 4 KiB apart.
+/// Blocks not in `used` are left unwritten.
+fn split_columns(a: &[f32], m: usize, cols: usize, width: usize, used: &[bool]) -> Vec<f32> {
+    let mut out = vec![0f32; m * cols];
+    let optr = OutPtr(out.as_mut_ptr());
+    let nb = cols / width;
+    (0..m.div_ceil(64)).into_par_iter().for_each(|t| {
+        let optr = optr;
+        for row in t * 64..(t * 64 + 64).min(m) {
+            for c in (0..nb).filter(|&c| used[c]) {
+                let src = &a[row * cols + c * width..row * cols + c * width + width];
+                // SAFETY: (row, c) is written by this task only, inside `out` (m * cols floats).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), optr.0.add(c * m * width + row * width), width);
+                }
             }
-            let _ = avx;
-            grad_panel(l, values, dp, xp)
-        });
+        }
     });
-    Ok(())
+    out
 }
 
 /// `out[b] = a[:, r-block]^T @ b[:, c-block]` for every stored block `b = (r, c)`; `a` is `[m, n]`,
 /// `b` is `[m, k]`, `out` is `[nnz, bh, bw]` (overwritten).
 pub fn sdd(l: &Layout<'_>, a: &[f32], b: &[f32], m: usize, out: &mut [f32]) -> Result<(), CoreError> {
+    sdd_on(Isa::detect(), l, a, b, m, out)
+}
+
+fn sdd_on(isa: Isa, l: &Layout<'_>, a: &[f32], b: &[f32], m: usize, out: &mut [f32]) -> Result<(), CoreError> {
     l.validate()?;
-    let bs = l.bh * l.bw;
-    check_len("a", a.len(), m * l.n)?;
-    check_len("b", b.len(), m * l.k)?;
+    let (bh, bw, n, k) = (l.bh, l.bw, l.n, l.k);
+    let bs = bh * bw;
+    check_len("a", a.len(), m * n)?;
+    check_len("b", b.len(), m * k)?;
     check_len("out", out.len(), l.nnz() * bs)?;
     if l.nnz() == 0 {
         return Ok(());
     }
-    let mut block_row = vec![0usize; l.nnz()];
-    for r in 0..l.block_rows() {
-        for br in &mut block_row[l.row_offsets[r] as usize..l.row_offsets[r + 1] as usize] {
-            *br = r;
+    if m == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    let (mr0, nr0) = (isa.sdd_mr(), isa.nr(bw));
+    // Tasks: runs of at most SDD_GROUP blocks of one block-row, which share the panel of `a`.
+    let mut tasks = vec![];
+    let mut used_r = vec![false; l.block_rows()];
+    let mut used_c = vec![false; l.block_cols()];
+    for (r, used) in used_r.iter_mut().enumerate() {
+        let (s, e) = (l.row_offsets[r] as usize, l.row_offsets[r + 1] as usize);
+        *used = e > s;
+        for s0 in (s..e).step_by(SDD_GROUP) {
+            tasks.push((r, s0, (s0 + SDD_GROUP).min(e)));
         }
     }
-    let avx = has_avx2();
-    pool::install(|| {
-        out.par_chunks_mut(bs).enumerate().for_each(|(blk, o)| {
-            let (r, c) = (block_row[blk], l.col_indices[blk] as usize);
-            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-            if avx {
-                // SAFETY: the CPU supports avx2 and fma (checked above).
-                unsafe { sdd_block_avx2(l, m, r, c, a, b, o) };
-                return;
+    for &c in l.col_indices {
+        used_c[c as usize] = true;
+    }
+    let optr = OutPtr(out.as_mut_ptr());
+    let one = [(0usize, 0usize)];
+    pool::run(|| {
+        let ap = split_columns(a, m, n, bh, &used_r);
+        let bp = split_columns(b, m, k, bw, &used_c);
+        tasks.par_iter().for_each(|&(r, s, e)| {
+            let optr = optr;
+            let apr = &ap[r * m * bh..(r + 1) * m * bh];
+            for k0 in (0..m).step_by(KC) {
+                let kc = KC.min(m - k0);
+                for blk in s..e {
+                    let c = l.col_indices[blk] as usize;
+                    let bpc = &bp[c * m * bw..(c + 1) * m * bw];
+                    for j0 in (0..bw).step_by(nr0) {
+                        let cols = nr0.min(bw - j0);
+                        for i0 in (0..bh).step_by(mr0) {
+                            // SAFETY: kc steps of the panels stay inside `apr` / `bpc`; block `blk`'s
+                            // output belongs to this task alone.
+                            unsafe {
+                                let tile = Tile {
+                                    a: apr.as_ptr().add(k0 * bh + i0),
+                                    lda: bh,
+                                    sa: 1,
+                                    pairs: &one,
+                                    depth: kc,
+                                    b: bpc.as_ptr().add(k0 * bw + j0),
+                                    ldb: bw,
+                                    c: optr.0.add(blk * bs + i0 * bw + j0),
+                                    ldc: bw,
+                                    cols,
+                                    add: k0 > 0,
+                                };
+                                micro(isa, nr0, mr0.min(bh - i0), &tile);
+                            }
+                        }
+                    }
+                }
             }
-            let _ = avx;
-            sdd_block(l, m, r, c, a, b, o)
         });
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -413,7 +475,19 @@ mod tests {
     #[test]
     fn kernels_match_naive_reference() {
         let mut seed = 7u64;
-        for &(m, n, k, bh, bw) in &[(5, 8, 12, 2, 3), (37, 64, 32, 16, 8), (1, 4, 4, 4, 4), (20, 6, 10, 1, 1), (0, 4, 4, 2, 2)] {
+        // Edges of every tile: rows not a multiple of MR, strips (m > strip rows), column tails (bh, bw not
+        // multiples of 16), several SDD k-chunks (m > 256) and block groups (> 8 blocks in a block-row).
+        for &(m, n, k, bh, bw) in &[
+            (5, 8, 12, 2, 3),
+            (37, 64, 32, 16, 8),
+            (1, 4, 4, 4, 4),
+            (20, 6, 10, 1, 1),
+            (0, 4, 4, 2, 2),
+            (301, 64, 48, 32, 16),
+            (13, 40, 60, 20, 12),
+            (7, 32, 320, 16, 16),
+            (530, 32, 16, 16, 16),
+        ] {
             for pattern in 0..3 {
                 let o = make(n, k, bh, bw, &|r, c| match pattern {
                     0 => (r * 7 + c * 3) % 3 != 0 && r != 1,
@@ -426,40 +500,42 @@ mod tests {
                 let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
                 let dy: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
                 let w = dense(&o, &values);
-                let mut y = vec![1f32; m * n];
-                linear(&l, &values, &x, m, &mut y).unwrap();
-                let mut yr = vec![0f32; m * n];
-                for a in 0..m {
-                    for i in 0..n {
-                        yr[a * n + i] = (0..k).map(|j| x[a * k + j] * w[i * k + j]).sum();
+                for isa in Isa::available() {
+                    let mut y = vec![1f32; m * n];
+                    linear_on(isa, &l, &values, &x, m, &mut y).unwrap();
+                    let mut yr = vec![0f32; m * n];
+                    for a in 0..m {
+                        for i in 0..n {
+                            yr[a * n + i] = (0..k).map(|j| x[a * k + j] * w[i * k + j]).sum();
+                        }
                     }
-                }
-                close(&y, &yr);
-                let mut dx = vec![1f32; m * k];
-                linear_grad_input(&l, &values, &dy, m, &mut dx).unwrap();
-                let mut dxr = vec![0f32; m * k];
-                for a in 0..m {
-                    for j in 0..k {
-                        dxr[a * k + j] = (0..n).map(|i| dy[a * n + i] * w[i * k + j]).sum();
+                    close(&y, &yr);
+                    let mut dx = vec![1f32; m * k];
+                    linear_grad_input_on(isa, &l, &values, &dy, m, &mut dx).unwrap();
+                    let mut dxr = vec![0f32; m * k];
+                    for a in 0..m {
+                        for j in 0..k {
+                            dxr[a * k + j] = (0..n).map(|i| dy[a * n + i] * w[i * k + j]).sum();
+                        }
                     }
+                    close(&dx, &dxr);
+                    let mut g = vec![1f32; l.nnz() * bh * bw];
+                    sdd_on(isa, &l, &dy, &x, m, &mut g).unwrap();
+                    let gw: Vec<f32> = (0..n * k)
+                        .map(|e| {
+                            let (i, j) = (e / k, e % k);
+                            (0..m).map(|a| dy[a * n + i] * x[a * k + j]).sum()
+                        })
+                        .collect();
+                    // Sampled dense gradient, compared on the stored blocks.
+                    let mut gd = vec![0f32; n * k];
+                    for (e, v) in dense(&o, &g).into_iter().enumerate() {
+                        gd[e] = v;
+                    }
+                    let maskd = dense(&o, &vec![1f32; l.nnz() * bh * bw]);
+                    let gwm: Vec<f32> = gw.iter().zip(&maskd).map(|(a, b)| a * b).collect();
+                    close(&gd, &gwm);
                 }
-                close(&dx, &dxr);
-                let mut g = vec![1f32; l.nnz() * bh * bw];
-                sdd(&l, &dy, &x, m, &mut g).unwrap();
-                let gw: Vec<f32> = (0..n * k)
-                    .map(|e| {
-                        let (i, j) = (e / k, e % k);
-                        (0..m).map(|a| dy[a * n + i] * x[a * k + j]).sum()
-                    })
-                    .collect();
-                // Sampled dense gradient, compared on the stored blocks.
-                let mut gd = vec![0f32; n * k];
-                for (e, v) in dense(&o, &g).into_iter().enumerate() {
-                    gd[e] = v;
-                }
-                let maskd = dense(&o, &vec![1f32; l.nnz() * bh * bw]);
-                let gwm: Vec<f32> = gw.iter().zip(&maskd).map(|(a, b)| a * b).collect();
-                close(&gd, &gwm);
             }
         }
     }
