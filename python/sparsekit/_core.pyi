@@ -71,7 +71,7 @@ def build_profile() -> str:
     """"release" or "debug"."""
 
 # ---- routing (rust/sparsekit-py/src/routing.rs) ----
-__all__ += ["route_topk", "route_tables"]
+__all__ += ["route_topk", "route_tables", "route_plan"]
 
 def route_topk(
     logits: npt.NDArray[np.generic],
@@ -95,6 +95,29 @@ def route_tables(
     capacity: int | None,
     drop_policy: str,
     priority: npt.NDArray[np.generic] | None,
+    order: npt.NDArray[np.generic],
+    inverse: npt.NDArray[np.generic],
+    counts: npt.NDArray[np.generic],
+    offsets: npt.NDArray[np.generic],
+    kept: npt.NDArray[np.generic],
+) -> None: ...
+def route_plan(
+    logits: npt.NDArray[np.generic],
+    bias: npt.NDArray[np.generic] | None,
+    dtype: str,
+    n_experts: int,
+    k: int,
+    score: str,
+    n_groups: int,
+    topk_groups: int,
+    group_mode: str,
+    normalize: bool,
+    scale: float,
+    capacity: int | None,
+    drop_policy: str,
+    ids: npt.NDArray[np.generic],
+    sel: npt.NDArray[np.generic],
+    weights: npt.NDArray[np.generic],
     order: npt.NDArray[np.generic],
     inverse: npt.NDArray[np.generic],
     counts: npt.NDArray[np.generic],

@@ -138,9 +138,93 @@ pub fn route_tables(
     detach(py, || routing::route_tables(idv0, n_experts, capacity, policy, p0, o, inv, c, off, k))
 }
 
+#[allow(clippy::too_many_arguments)]
+fn plan_typed<T: routing::Real + numpy::Element + bytemuck::Pod>(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    gate: Gate,
+    capacity: Option<usize>,
+    policy: DropPolicy,
+    outs: [&Bound<'_, PyAny>; 8],
+    dtype: &str,
+) -> PyResult<()> {
+    let [ids, sel, weights, order, inverse, counts, offsets, kept] = outs;
+    let lg: Vec<PyReadonlyArray1<T>> = readonly(&one(logits), "logits", dtype)?;
+    let x: Vec<&[T]> = slices(&lg, "logits")?;
+    let bg: Vec<PyReadonlyArray1<T>> = match bias {
+        Some(b) => readonly(&one(b), "bias", dtype)?,
+        None => Vec::new(),
+    };
+    let b: Vec<&[T]> = slices(&bg, "bias")?;
+    let mut ig: Vec<PyReadwriteArray1<i64>> =
+        readwrite(&[ids.clone(), order.clone(), inverse.clone(), counts.clone(), offsets.clone()], "expert_ids")?;
+    let mut is = slices_mut(&mut ig, "expert_ids")?;
+    let [i, o, inv, c, off] = &mut is[..] else { unreachable!() };
+    let mut sg: Vec<PyReadwriteArray1<T>> = readwrite(&[sel.clone(), weights.clone()], "weights")?;
+    let mut ss = slices_mut(&mut sg, "weights")?;
+    let [s, w] = &mut ss[..] else { unreachable!() };
+    let mut kg: Vec<PyReadwriteArray1<bool>> = readwrite(&one(kept), "kept")?;
+    let mut ks = slices_mut(&mut kg, "kept")?;
+    let kp: &mut [bool] = &mut ks[0];
+    let xb = x[0];
+    let bb = b.first().copied();
+    detach(py, || routing::route_plan(xb, bb, &gate, capacity, policy, i, s, w, o, inv, c, off, kp))
+}
+
+/// The whole plan of `logits` (flat [T*E], float32 or float64) in one call: the gate's ids, chosen
+/// scores and weights, and the tables (order, inverse, counts, offsets, kept), all written in place.
+#[pyfunction]
+#[pyo3(signature = (logits, bias, dtype, n_experts, k, score, n_groups, topk_groups, group_mode, normalize, scale,
+    capacity, drop_policy, ids, sel, weights, order, inverse, counts, offsets, kept))]
+#[allow(clippy::too_many_arguments)]
+pub fn route_plan(
+    py: Python<'_>,
+    logits: Bound<'_, PyAny>,
+    bias: Option<Bound<'_, PyAny>>,
+    dtype: &str,
+    n_experts: usize,
+    k: usize,
+    score: &str,
+    n_groups: usize,
+    topk_groups: usize,
+    group_mode: &str,
+    normalize: bool,
+    scale: f64,
+    capacity: Option<usize>,
+    drop_policy: &str,
+    ids: Bound<'_, PyAny>,
+    sel: Bound<'_, PyAny>,
+    weights: Bound<'_, PyAny>,
+    order: Bound<'_, PyAny>,
+    inverse: Bound<'_, PyAny>,
+    counts: Bound<'_, PyAny>,
+    offsets: Bound<'_, PyAny>,
+    kept: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let gate = Gate {
+        n_experts,
+        k,
+        score: parse_score(score)?,
+        n_groups,
+        topk_groups,
+        group_mode: parse_mode(group_mode)?,
+        normalize,
+        scale,
+    };
+    let policy = parse_policy(drop_policy)?;
+    let outs = [&ids, &sel, &weights, &order, &inverse, &counts, &offsets, &kept];
+    match dtype {
+        "float32" => plan_typed::<f32>(py, &logits, bias.as_ref(), gate, capacity, policy, outs, dtype),
+        "float64" => plan_typed::<f64>(py, &logits, bias.as_ref(), gate, capacity, policy, outs, dtype),
+        o => Err(PyTypeError::new_err(format!("unsupported dtype {o}; expected float32 or float64"))),
+    }
+}
+
 /// Adds this module's functions to `sparsekit._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(route_topk, m)?)?;
     m.add_function(wrap_pyfunction!(route_tables, m)?)?;
+    m.add_function(wrap_pyfunction!(route_plan, m)?)?;
     Ok(())
 }
