@@ -221,10 +221,96 @@ pub fn route_plan(
     }
 }
 
+/// Borrow `a` as a read-only slice of `T` (numpy element `E`; half precision arrives as int16 bits).
+fn ro<'a, E: numpy::Element + bytemuck::Pod, T: bytemuck::Pod>(g: &'a [PyReadonlyArray1<'_, E>], arg: &str) -> PyResult<&'a [T]> {
+    Ok(slices::<E, T>(g, arg)?[0])
+}
+
+fn rw<'a, E: numpy::Element + bytemuck::Pod, T: bytemuck::Pod>(g: &'a mut [PyReadwriteArray1<'_, E>], arg: &str) -> PyResult<&'a mut [T]> {
+    let s = slices_mut(g, arg)?.into_iter().next().expect("one array");
+    Ok(bytemuck::cast_slice_mut::<E, T>(s))
+}
+
+/// `out[p] = x[order[p] // k]`, rows of `d` (flat arrays; dtype float32/float64/float16/bfloat16).
+#[pyfunction]
+#[pyo3(signature = (x, d, order, inverse, k, out, dtype))]
+#[allow(clippy::too_many_arguments)]
+pub fn moe_permute(py: Python<'_>, x: Bound<'_, PyAny>, d: usize, order: Bound<'_, PyAny>, inverse: Bound<'_, PyAny>, k: usize,
+                   out: Bound<'_, PyAny>, dtype: &str) -> PyResult<()> {
+    let pg: Vec<PyReadonlyArray1<i64>> = readonly(&[order, inverse], "order", "int64")?;
+    let (o, inv) = (slices::<i64, i64>(&pg, "order")?[0], slices::<i64, i64>(&pg, "order")?[1]);
+    crate::with_dtype!(dtype, |T, E| {
+        let xg: Vec<PyReadonlyArray1<E>> = readonly(&one(&x), "x", dtype)?;
+        let mut og: Vec<PyReadwriteArray1<E>> = readwrite(&one(&out), "out")?;
+        let (xs, os) = (ro::<E, T>(&xg, "x")?, rw::<E, T>(&mut og, "out")?);
+        detach(py, || routing::dispatch::permute(xs, d, o, inv, k, os))
+    })
+}
+
+/// `gx[t] = sum_j g[inverse[t*k + j]]` (the backward of `moe_permute`).
+#[pyfunction]
+#[pyo3(signature = (g, d, order, inverse, k, gx, dtype))]
+#[allow(clippy::too_many_arguments)]
+pub fn moe_gather_sum(py: Python<'_>, g: Bound<'_, PyAny>, d: usize, order: Bound<'_, PyAny>, inverse: Bound<'_, PyAny>, k: usize,
+                      gx: Bound<'_, PyAny>, dtype: &str) -> PyResult<()> {
+    let pg: Vec<PyReadonlyArray1<i64>> = readonly(&[order, inverse], "order", "int64")?;
+    let (o, inv) = (slices::<i64, i64>(&pg, "order")?[0], slices::<i64, i64>(&pg, "order")?[1]);
+    crate::with_dtype!(dtype, |T, E| {
+        let gg: Vec<PyReadonlyArray1<E>> = readonly(&one(&g), "grad", dtype)?;
+        let mut og: Vec<PyReadwriteArray1<E>> = readwrite(&one(&gx), "grad_x")?;
+        let (gs, os) = (ro::<E, T>(&gg, "grad")?, rw::<E, T>(&mut og, "grad_x")?);
+        detach(py, || routing::dispatch::gather_sum(gs, d, o, inv, k, os))
+    })
+}
+
+/// `out[t] = sum_j w[t*k + j] * y[inverse[t*k + j]]`.
+#[pyfunction]
+#[pyo3(signature = (y, d, w, order, inverse, k, out, dtype))]
+#[allow(clippy::too_many_arguments)]
+pub fn moe_unpermute(py: Python<'_>, y: Bound<'_, PyAny>, d: usize, w: Bound<'_, PyAny>, order: Bound<'_, PyAny>,
+                     inverse: Bound<'_, PyAny>, k: usize, out: Bound<'_, PyAny>, dtype: &str) -> PyResult<()> {
+    let pg: Vec<PyReadonlyArray1<i64>> = readonly(&[order, inverse], "order", "int64")?;
+    let (o, inv) = (slices::<i64, i64>(&pg, "order")?[0], slices::<i64, i64>(&pg, "order")?[1]);
+    crate::with_dtype!(dtype, |T, E| {
+        let yg: Vec<PyReadonlyArray1<E>> = readonly(&[y.clone(), w.clone()], "y", dtype)?;
+        let mut og: Vec<PyReadwriteArray1<E>> = readwrite(&one(&out), "out")?;
+        let ys = slices::<E, T>(&yg, "y")?;
+        let os = rw::<E, T>(&mut og, "out")?;
+        let (yv, wv) = (ys[0], ys[1]);
+        detach(py, || routing::dispatch::unpermute(yv, d, wv, o, inv, k, os))
+    })
+}
+
+/// Backward of `moe_unpermute`: `gy[inverse[s]] = w[s] * g[t]`, `gw[s] = <y[inverse[s]], g[t]>`.
+#[pyfunction]
+#[pyo3(signature = (g, y, d, w, order, inverse, k, gy, gw, dtype))]
+#[allow(clippy::too_many_arguments)]
+pub fn moe_unpermute_backward(py: Python<'_>, g: Bound<'_, PyAny>, y: Bound<'_, PyAny>, d: usize, w: Bound<'_, PyAny>,
+                              order: Bound<'_, PyAny>, inverse: Bound<'_, PyAny>, k: usize, gy: Bound<'_, PyAny>,
+                              gw: Bound<'_, PyAny>, dtype: &str) -> PyResult<()> {
+    let pg: Vec<PyReadonlyArray1<i64>> = readonly(&[order, inverse], "order", "int64")?;
+    let (o, inv) = (slices::<i64, i64>(&pg, "order")?[0], slices::<i64, i64>(&pg, "order")?[1]);
+    crate::with_dtype!(dtype, |T, E| {
+        let ig: Vec<PyReadonlyArray1<E>> = readonly(&[g.clone(), y.clone(), w.clone()], "grad", dtype)?;
+        let mut og: Vec<PyReadwriteArray1<E>> = readwrite(&[gy.clone(), gw.clone()], "grad_y")?;
+        let is = slices::<E, T>(&ig, "grad")?;
+        let (gv, yv, wv) = (is[0], is[1], is[2]);
+        let mut os = slices_mut(&mut og, "grad_y")?;
+        let (a, b) = os.split_at_mut(1);
+        let gys: &mut [T] = bytemuck::cast_slice_mut(&mut *a[0]);
+        let gws: &mut [T] = bytemuck::cast_slice_mut(&mut *b[0]);
+        detach(py, || routing::dispatch::unpermute_backward(gv, yv, d, wv, o, inv, k, gys, gws))
+    })
+}
+
 /// Adds this module's functions to `sparsekit._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(route_topk, m)?)?;
     m.add_function(wrap_pyfunction!(route_tables, m)?)?;
     m.add_function(wrap_pyfunction!(route_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(moe_permute, m)?)?;
+    m.add_function(wrap_pyfunction!(moe_gather_sum, m)?)?;
+    m.add_function(wrap_pyfunction!(moe_unpermute, m)?)?;
+    m.add_function(wrap_pyfunction!(moe_unpermute_backward, m)?)?;
     Ok(())
 }

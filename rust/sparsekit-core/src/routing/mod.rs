@@ -16,6 +16,7 @@ use crate::error::CoreError;
 use crate::pool;
 
 mod fast;
+pub mod dispatch;
 
 /// How a row of logits becomes scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
