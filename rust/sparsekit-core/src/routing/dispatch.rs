@@ -108,7 +108,7 @@ fn check_len(arg: &'static str, got: usize, expected: usize) -> Result<(), CoreE
 
 /// `out[p*d..][..d] = x[(order[p] / k)*d..][..d]` for `p < tokens*k`.
 pub fn permute<T: Elem>(x: &[T], d: usize, order: &[i64], inverse: &[i64], k: usize, out: &mut [T]) -> Result<(), CoreError> {
-    let tokens = if d == 0 { inverse.len() / k.max(1) } else { x.len() / d };
+    let tokens = x.len().checked_div(d).unwrap_or(inverse.len() / k.max(1));
     let n = check_perm(order, inverse, tokens, k)?;
     check_len("x", x.len(), tokens * d)?;
     check_len("out", out.len(), n * d)?;

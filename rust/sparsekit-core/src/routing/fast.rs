@@ -240,9 +240,7 @@ mod avx2 {
         }
         if nc <= 32 {
             // pad to 32 with -inf at indices past every candidate: they never outrank one
-            for t in nc..32 {
-                cv[t] = f32::NEG_INFINITY;
-            }
+            cv[nc..32].fill(f32::NEG_INFINITY);
             // SAFETY: 32 <= c.len() + 8 <= cv.len() since the caller has c.len() >= 32
             let keys = unsafe {
                 [

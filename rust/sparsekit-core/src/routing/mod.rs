@@ -694,6 +694,7 @@ pub fn route_plan<T: Real>(
         let optr = SendPtr(order.as_mut_ptr());
         let iptr = SendPtr(inverse.as_mut_ptr());
         cursors.into_par_iter().enumerate().for_each(|(task, mut cur)| {
+            #[allow(clippy::needless_range_loop)] // s is both the slot written and the index read
             for s in task * rpt * k..((task + 1) * rpt * k).min(n) {
                 let b = ids[s] as usize;
                 let p = cur[b];
