@@ -71,7 +71,7 @@ def build_profile() -> str:
     """"release" or "debug"."""
 
 # ---- routing (rust/sparsekit-py/src/routing.rs) ----
-__all__ += ["route_topk", "route_tables"]
+__all__ += ["route_topk", "route_tables", "route_plan", "moe_permute", "moe_gather_sum", "moe_unpermute", "moe_unpermute_backward"]
 
 def route_topk(
     logits: npt.NDArray[np.generic],
@@ -100,6 +100,35 @@ def route_tables(
     counts: npt.NDArray[np.generic],
     offsets: npt.NDArray[np.generic],
     kept: npt.NDArray[np.generic],
+) -> None: ...
+def route_plan(
+    logits: npt.NDArray[np.generic],
+    bias: npt.NDArray[np.generic] | None,
+    dtype: str,
+    n_experts: int,
+    k: int,
+    score: str,
+    n_groups: int,
+    topk_groups: int,
+    group_mode: str,
+    normalize: bool,
+    scale: float,
+    capacity: int | None,
+    drop_policy: str,
+    ids: npt.NDArray[np.generic],
+    sel: npt.NDArray[np.generic],
+    weights: npt.NDArray[np.generic],
+    order: npt.NDArray[np.generic],
+    inverse: npt.NDArray[np.generic],
+    counts: npt.NDArray[np.generic],
+    offsets: npt.NDArray[np.generic],
+    kept: npt.NDArray[np.generic],
+) -> None: ...
+def moe_permute(x: npt.NDArray[np.generic], d: int, order: npt.NDArray[np.generic], inverse: npt.NDArray[np.generic], k: int, out: npt.NDArray[np.generic], dtype: str) -> None: ...
+def moe_gather_sum(g: npt.NDArray[np.generic], d: int, order: npt.NDArray[np.generic], inverse: npt.NDArray[np.generic], k: int, gx: npt.NDArray[np.generic], dtype: str) -> None: ...
+def moe_unpermute(y: npt.NDArray[np.generic], d: int, w: npt.NDArray[np.generic], order: npt.NDArray[np.generic], inverse: npt.NDArray[np.generic], k: int, out: npt.NDArray[np.generic], dtype: str) -> None: ...
+def moe_unpermute_backward(
+    g: npt.NDArray[np.generic], y: npt.NDArray[np.generic], d: int, w: npt.NDArray[np.generic], order: npt.NDArray[np.generic], inverse: npt.NDArray[np.generic], k: int, gy: npt.NDArray[np.generic], gw: npt.NDArray[np.generic], dtype: str
 ) -> None: ...
 # (end of routing)
 

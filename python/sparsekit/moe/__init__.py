@@ -1,12 +1,14 @@
 """Mixture of Experts: routing plans, dispatch/combine, the MoE layer, load balancing.
 
-- :func:`route` -> :class:`RoutingPlan` (DeepSeek-V3 gate semantics; Rust on CPU, CUDA kernels on GPU).
+- :func:`route` -> :class:`RoutingPlan` (DeepSeek-V3 gate semantics; Rust on CPU, CUDA kernels on GPU);
+  :func:`route_expert_choice` (each expert takes its top-C tokens; not for causal decoders).
 - :func:`permute` / :func:`unpermute`: deterministic gather-based dispatch and combine.
 - :class:`MoE`: SwiGLU experts over contiguous slices; ``balancer_step()``, ``last_counts()``.
 - :class:`LoadBalancer` and the balance losses.
 """
 
 from ._dispatch import permute, unpermute
+from ._expert_choice import route_expert_choice
 from ._routing import RoutingPlan, capacity_for, route, route_tables, route_topk
 from .balance import (
     LoadBalancer,
@@ -30,6 +32,7 @@ __all__ = [
     "gshard_loss",
     "permute",
     "route",
+    "route_expert_choice",
     "route_tables",
     "route_topk",
     "sequence_aux_loss",

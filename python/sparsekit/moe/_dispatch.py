@@ -1,17 +1,52 @@
 """Dispatch and combine: :func:`permute` gathers token copies into expert-grouped order, :func:`unpermute`
-combines them back weighted by the routing weights. Both directions are gathers (``index_select``), so
-forward and backward are deterministic (no atomics, same bits every run); registered as
-``torch.library`` custom ops with fake implementations so ``torch.compile`` traces through them."""
+combines them back weighted by the routing weights. Both directions are gathers, so forward and backward
+are deterministic (no atomics, same bits every run): on CPU tensors Rust kernels
+(``sparsekit._core.moe_permute`` / ``moe_gather_sum`` / ``moe_unpermute`` / ``moe_unpermute_backward``: each
+output row written by one task, no ``[T*k, d]`` temporaries in the combine), elsewhere ``index_select``.
+All are ``torch.library`` custom ops with fake implementations so ``torch.compile`` traces through them;
+a double backward (``create_graph=True``) runs differentiable torch gathers."""
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
+from .. import _core
+from .. import _cuda
 from ._routing import RoutingPlan
+
+_RUST_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _rust(*ts: torch.Tensor) -> bool:
+    """CPU tensors of one supported dtype take the Rust kernels (CUDA tensors, and CPU tensors inside
+    ``simulated_cuda()``, take the torch gathers)."""
+    t0 = ts[0]
+    return (t0.device.type == "cpu" and t0.dtype in _RUST_DTYPES and all(t.dtype == t0.dtype for t in ts)
+            and not _cuda.runs_on_device(t0))  # fmt: skip
+
+
+def _flat(t: torch.Tensor) -> npt.NDArray[np.generic]:
+    """A contiguous tensor as the flat numpy view Rust borrows (half precision as int16 bits)."""
+    t = t.reshape(-1)
+    return (t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t).numpy()
+
+
+def _row_width(t: torch.Tensor) -> int:
+    d = 1
+    for s in t.shape[1:]:
+        d *= int(s)
+    return d
 
 
 @torch.library.custom_op("sparsekit::moe_permute", mutates_args=())
 def _permute_op(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    if _rust(x):
+        x = x.contiguous()
+        out = x.new_empty((order.shape[0],) + tuple(x.shape[1:]))
+        _core.moe_permute(_flat(x), _row_width(x), order.numpy(), inverse.numpy(), k, _flat(out), _RUST_DTYPES[x.dtype])
+        return out
     return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
 
 
@@ -20,16 +55,34 @@ def _permute_fake(x, order, inverse, k):  # type: ignore[no-untyped-def]
     return x.new_empty((order.shape[0],) + tuple(x.shape[1:]))
 
 
+@torch.library.custom_op("sparsekit::moe_gather_sum", mutates_args=())
+def _gather_sum_op(g: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """``gx[t] = sum_j g[inverse[t*k + j]]``: permute's backward (a gather and a fixed-order sum)."""
+    T = inverse.shape[0] // k
+    if _rust(g):
+        g = g.contiguous()
+        gx = g.new_empty((T,) + tuple(g.shape[1:]))
+        _core.moe_gather_sum(_flat(g), _row_width(g), order.numpy(), inverse.numpy(), k, _flat(gx), _RUST_DTYPES[g.dtype])
+        return gx
+    return g.index_select(0, inverse).view(T, k, *g.shape[1:]).sum(1)
+
+
+@_gather_sum_op.register_fake
+def _gather_sum_fake(g, order, inverse, k):  # type: ignore[no-untyped-def]
+    return g.new_empty((inverse.shape[0] // k,) + tuple(g.shape[1:]))
+
+
 def _permute_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
     x, order, inverse, k = inputs
-    ctx.save_for_backward(inverse)
+    ctx.save_for_backward(order, inverse)
     ctx.k, ctx.T = k, x.shape[0]
 
 
 def _permute_backward(ctx, g):  # type: ignore[no-untyped-def]
-    (inverse,) = ctx.saved_tensors
-    gx = g.index_select(0, inverse).view(ctx.T, ctx.k, *g.shape[1:]).sum(1)  # gather, then a fixed-order sum
-    return gx, None, None, None
+    order, inverse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # double backward: differentiable torch ops
+        return g.index_select(0, inverse).view(ctx.T, ctx.k, *g.shape[1:]).sum(1), None, None, None
+    return _gather_sum_op(g, order, inverse, ctx.k), None, None, None
 
 
 _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
@@ -38,14 +91,51 @@ _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 @torch.library.custom_op("sparsekit::moe_unpermute", mutates_args=())
 def _unpermute_op(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
     T = weights.shape[0]
+    if _rust(y):
+        y = y.contiguous()
+        w = weights.to(y.dtype).contiguous()
+        out = y.new_empty((T,) + tuple(y.shape[1:]))
+        _core.moe_unpermute(_flat(y), _row_width(y), _flat(w), order.numpy(), inverse.numpy(), k, _flat(out),
+                            _RUST_DTYPES[y.dtype])  # fmt: skip
+        return out
     yy = y.index_select(0, inverse).view(T, k, *y.shape[1:])
-    w = weights.to(y.dtype).view(T, k, *([1] * (y.dim() - 1)))
-    return (yy * w).sum(1)
+    return (yy * weights.to(y.dtype).view(T, k, *([1] * (y.dim() - 1)))).sum(1)
 
 
 @_unpermute_op.register_fake
 def _unpermute_fake(y, weights, order, inverse, k):  # type: ignore[no-untyped-def]
     return y.new_empty((weights.shape[0],) + tuple(y.shape[1:]))
+
+
+def _unpermute_grads_torch(g, y, weights, order, inverse, k):  # type: ignore[no-untyped-def]
+    T = weights.shape[0]
+    tok = torch.div(order, k, rounding_mode="floor")
+    w_rows = weights.reshape(-1).index_select(0, order).to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+    yy = y.index_select(0, inverse).view(T, k, *y.shape[1:])
+    gw = (yy * g.unsqueeze(1)).reshape(T, k, -1).sum(-1).to(weights.dtype)
+    return g.index_select(0, tok) * w_rows, gw
+
+
+@torch.library.custom_op("sparsekit::moe_unpermute_backward", mutates_args=())
+def _unpermute_bwd_op(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+                      k: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients of :func:`unpermute` for the output gradient ``g``: ``(grad_y, grad_weights)``, gathers
+    (each row of ``grad_y`` written once: ``inverse`` is a permutation)."""
+    if _rust(g, y):
+        g, y = g.contiguous(), y.contiguous()
+        w = weights.to(y.dtype).contiguous()
+        gy = torch.empty_like(y)
+        gw = torch.empty(weights.shape, dtype=y.dtype)
+        _core.moe_unpermute_backward(_flat(g), _flat(y), _row_width(y), _flat(w), order.numpy(), inverse.numpy(), k,
+                                     _flat(gy), _flat(gw), _RUST_DTYPES[y.dtype])  # fmt: skip
+        return gy, gw.to(weights.dtype)
+    gy, gw = _unpermute_grads_torch(g, y, weights, order, inverse, k)
+    return gy.contiguous(), gw.contiguous()
+
+
+@_unpermute_bwd_op.register_fake
+def _unpermute_bwd_fake(g, y, weights, order, inverse, k):  # type: ignore[no-untyped-def]
+    return torch.empty_like(y), torch.empty_like(weights)
 
 
 def _unpermute_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
@@ -56,13 +146,10 @@ def _unpermute_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
 
 def _unpermute_backward(ctx, g):  # type: ignore[no-untyped-def]
     y, weights, order, inverse = ctx.saved_tensors
-    k = ctx.k
-    T = weights.shape[0]
-    tok = torch.div(order, k, rounding_mode="floor")
-    w_rows = weights.reshape(-1).index_select(0, order).to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-    gy = g.index_select(0, tok) * w_rows
-    yy = y.index_select(0, inverse).view(T, k, *y.shape[1:])
-    gw = (yy * g.unsqueeze(1)).reshape(T, k, -1).sum(-1).to(weights.dtype)
+    if torch.is_grad_enabled():  # double backward: differentiable torch ops
+        gy, gw = _unpermute_grads_torch(g, y, weights, order, inverse, ctx.k)
+    else:
+        gy, gw = _unpermute_bwd_op(g, y, weights, order, inverse, ctx.k)
     return gy, gw, None, None, None
 
 

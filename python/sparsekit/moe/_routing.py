@@ -1,7 +1,7 @@
 """MoE routing: :func:`route` (DeepSeek-V3 gate semantics) -> :class:`RoutingPlan`.
 
-CPU tensors run the Rust core (``sparsekit._core.route_topk`` / ``route_tables``: one fused rayon pass per
-row, then a parallel stable counting sort); CUDA tensors, and CPU tensors inside
+CPU tensors run the Rust core (``sparsekit._core.route_plan``: one fused rayon pass per row that also
+counts the chosen experts per task, then one parallel stable scatter); CUDA tensors, and CPU tensors inside
 ``sparsekit.testing.simulated_cuda()``, run the kernels of ``cuda/route.cu`` through
 ``sparsekit._cuda_route`` with no host synchronisation. Both give the same plan.
 """
@@ -120,13 +120,20 @@ def _route_rust(logits: torch.Tensor, bias: torch.Tensor | None, k: int, score: 
     ct = _compute_dtype(logits)
     x = logits.detach().to(ct).contiguous()
     T, E = x.shape
+    n = T * k
+    # every output preallocated here and written in place by one Rust call (gate + tables, GIL released)
     ids = torch.empty((T, k), dtype=torch.int64)
     sel = torch.empty((T, k), dtype=ct)
     w = torch.empty((T, k), dtype=ct)
+    order = torch.empty(n, dtype=torch.int64)
+    inverse = torch.empty(n, dtype=torch.int64)
+    counts = torch.empty(E, dtype=torch.int64)
+    offsets = torch.empty(E + 1, dtype=torch.int64)
+    kept = torch.empty((T, k), dtype=torch.bool)
     b = None if bias is None else bias.detach().to(ct).contiguous().numpy()
-    _core.route_topk(x.reshape(-1).numpy(), b, str(ct).replace("torch.", ""), E, k, score, G, TG, mode, normalize,
-                     float(scale), ids.view(-1).numpy(), sel.view(-1).numpy(), w.view(-1).numpy())  # fmt: skip
-    order, inverse, counts, offsets, kept = route_tables(ids, E, capacity, drop_policy, sel)
+    _core.route_plan(x.reshape(-1).numpy(), b, str(ct).replace("torch.", ""), E, k, score, G, TG, mode, normalize,
+                     float(scale), capacity, drop_policy, ids.view(-1).numpy(), sel.view(-1).numpy(), w.view(-1).numpy(),
+                     order.numpy(), inverse.numpy(), counts.numpy(), offsets.numpy(), kept.view(-1).numpy())  # fmt: skip
     return ids, w.to(logits.dtype), sel, order, inverse, counts, offsets, kept
 
 

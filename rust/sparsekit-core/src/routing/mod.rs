@@ -15,6 +15,9 @@ use rayon::prelude::*;
 use crate::error::CoreError;
 use crate::pool;
 
+mod fast;
+pub mod dispatch;
+
 /// How a row of logits becomes scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScoreFn {
@@ -105,10 +108,17 @@ pub trait Real:
     fn is_nan(self) -> bool;
     fn exp(self) -> Self;
     /// `dst[i] = exp(src[i] - shift)` for `src[i] - shift <= 0` (the softmax numerator).
+    #[inline(always)]
     fn exp_shifted(src: &[Self], shift: Self, dst: &mut [Self]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = (s - shift).exp();
         }
+    }
+    /// Route the rows of `x` into `ids` / `sel` / `w`, adding the chosen experts to `hist` if given;
+    /// false when a row's scores hold a NaN. float32 overrides this with the vectorised kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn route_rows(x: &[Self], bias: Option<&[Self]>, g: &Gate, ids: &mut [i64], sel: &mut [Self], w: &mut [Self], hist: Option<&mut [usize]>) -> bool {
+        rows_generic(x, bias, g, ids, sel, w, hist)
     }
 }
 
@@ -116,15 +126,19 @@ impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INF: Self = f64::NEG_INFINITY;
+    #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
     }
+    #[inline(always)]
     fn to_f64(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn is_nan(self) -> bool {
         f64::is_nan(self)
     }
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
     }
@@ -136,12 +150,14 @@ impl Real for f64 {
 fn exp_nonpos_f32(x: f32) -> f32 {
     let x = if x < -104.0 { -104.0 } else { x }; // keeps NaN (f32::max would drop it)
     // round to nearest by the 1.5 * 2^23 trick (vectorises; f32::round is a libm call)
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // minimax-style polynomial for e^r on [-ln2/2, ln2/2]
     let p = 1.0
         + r * (1.0 + r * (0.5 + r * (0.166_666_57 + r * (0.041_666_52 + r * (0.008_333_99 + r * 0.001_388_89)))));
-    let ni = n as i32;
+    // n as an integer straight from t's mantissa (`n as i32` saturates, which does not vectorise)
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let n1 = ni >> 1;
     let n2 = ni - n1;
     let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
@@ -153,22 +169,31 @@ impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INF: Self = f32::NEG_INFINITY;
+    #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
     }
+    #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
+    #[inline(always)]
     fn exp(self) -> Self {
         f32::exp(self)
     }
+    #[inline(always)]
     fn exp_shifted(src: &[Self], shift: Self, dst: &mut [Self]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = exp_nonpos_f32(s - shift);
         }
+    }
+    fn route_rows(x: &[Self], bias: Option<&[Self]>, g: &Gate, ids: &mut [i64], sel: &mut [Self], w: &mut [Self], hist: Option<&mut [usize]>) -> bool {
+        let mut buf = fast::Bufs::new(g);
+        fast::rows(x, bias, g, &mut buf, ids, sel, w, hist, fast::simd_level())
     }
 }
 
@@ -199,9 +224,61 @@ struct RowBufs<T> {
     allowed: Vec<bool>,
 }
 
+/// DeepSeek-V3 group limiting, then the top-k of the allowed experts into `best` (descending, ties to
+/// the lower expert index).
+#[inline(always)]
+fn choose_groups<T: Real>(choice: &[T], g: &Gate, groups: &mut [(T, usize)], allowed: &mut [bool], best: &mut [(T, usize)]) {
+    let size = g.n_experts / g.n_groups;
+    let mut glen = 0usize;
+    let gbest = &mut groups[..g.topk_groups];
+    for gi in 0..g.n_groups {
+        let member = &choice[gi * size..(gi + 1) * size];
+        let score = match g.group_mode {
+            GroupMode::Max => {
+                let mut m = member[0];
+                for &v in &member[1..] {
+                    if v > m {
+                        m = v;
+                    }
+                }
+                m
+            }
+            GroupMode::Top2 => {
+                let (mut a, mut b) = (T::NEG_INF, T::NEG_INF);
+                for (n, &v) in member.iter().enumerate() {
+                    if n == 0 || v > a {
+                        b = a;
+                        a = v;
+                    } else if n == 1 || v > b {
+                        b = v;
+                    }
+                }
+                let t = a + b;
+                if t.is_nan() {
+                    a
+                } else {
+                    t
+                }
+            }
+        };
+        push_top(gbest, &mut glen, score, gi);
+    }
+    allowed.iter_mut().for_each(|a| *a = false);
+    for &(_, gi) in gbest.iter() {
+        allowed[gi] = true;
+    }
+    let mut len = 0usize;
+    for gi in 0..g.n_groups {
+        if allowed[gi] {
+            for (j, &v) in choice[gi * size..(gi + 1) * size].iter().enumerate() {
+                push_top(best, &mut len, v, gi * size + j);
+            }
+        }
+    }
+}
+
 /// Route one row; false when a score is NaN.
 fn route_row<T: Real>(x: &[T], bias: Option<&[T]>, g: &Gate, buf: &mut RowBufs<T>, ids: &mut [i64], sel: &mut [T], w: &mut [T]) -> bool {
-    let e = g.n_experts;
     let s = &mut buf.scores;
     match g.score {
         ScoreFn::Softmax => {
@@ -244,59 +321,12 @@ fn route_row<T: Real>(x: &[T], bias: Option<&[T]>, g: &Gate, buf: &mut RowBufs<T
         None => s,
     };
     let k = g.k;
-    let mut len = 0usize;
     let best = &mut buf.best[..k];
     if g.n_groups > 1 {
-        let size = e / g.n_groups;
-        let mut glen = 0usize;
-        let gbest = &mut buf.groups[..g.topk_groups];
-        for gi in 0..g.n_groups {
-            let member = &choice[gi * size..(gi + 1) * size];
-            let score = match g.group_mode {
-                GroupMode::Max => {
-                    let mut m = member[0];
-                    for &v in &member[1..] {
-                        if v > m {
-                            m = v;
-                        }
-                    }
-                    m
-                }
-                GroupMode::Top2 => {
-                    let (mut a, mut b) = (T::NEG_INF, T::NEG_INF);
-                    let mut n = 0;
-                    for &v in member {
-                        if n == 0 || v > a {
-                            b = a;
-                            a = v;
-                        } else if n == 1 || v > b {
-                            b = v;
-                        }
-                        n += 1;
-                    }
-                    let t = a + b;
-                    if t.is_nan() {
-                        a
-                    } else {
-                        t
-                    }
-                }
-            };
-            push_top(gbest, &mut glen, score, gi);
-        }
-        buf.allowed.iter_mut().for_each(|a| *a = false);
-        for &(_, gi) in gbest.iter() {
-            buf.allowed[gi] = true;
-        }
-        for gi in 0..g.n_groups {
-            if buf.allowed[gi] {
-                for (j, &v) in choice[gi * size..(gi + 1) * size].iter().enumerate() {
-                    push_top(best, &mut len, v, gi * size + j);
-                }
-            }
-        }
+        choose_groups(choice, g, &mut buf.groups, &mut buf.allowed, best);
     } else {
         // the k-th best so far kept in a register: most elements fail one compare
+        let mut len = 0usize;
         let mut thr = T::NEG_INF;
         for (j, &v) in choice.iter().enumerate() {
             if len < k || v > thr {
@@ -320,6 +350,75 @@ fn route_row<T: Real>(x: &[T], bias: Option<&[T]>, g: &Gate, buf: &mut RowBufs<T
     true
 }
 
+/// The generic task body: route the rows of `x`, counting the chosen experts into `hist` if given.
+#[allow(clippy::too_many_arguments)]
+fn rows_generic<T: Real>(
+    x: &[T],
+    bias: Option<&[T]>,
+    g: &Gate,
+    ids: &mut [i64],
+    sel: &mut [T],
+    w: &mut [T],
+    mut hist: Option<&mut [usize]>,
+) -> bool {
+    let (e, k) = (g.n_experts, g.k);
+    let mut buf = RowBufs {
+        scores: vec![T::ZERO; e],
+        choice: vec![T::ZERO; if bias.is_some() { e } else { 0 }],
+        groups: vec![(T::ZERO, 0); g.topk_groups],
+        best: vec![(T::ZERO, 0); k],
+        allowed: vec![false; g.n_groups],
+    };
+    for (r, xr) in x.chunks_exact(e).enumerate() {
+        let o = r * k..(r + 1) * k;
+        if !route_row(xr, bias, g, &mut buf, &mut ids[o.clone()], &mut sel[o.clone()], &mut w[o.clone()]) {
+            return false;
+        }
+        if let Some(h) = hist.as_deref_mut() {
+            for &ex in &ids[o] {
+                h[ex as usize] += 1;
+            }
+        }
+    }
+    true
+}
+
+/// Validate the gate and the buffer lengths of [`route_topk`] / [`route_plan`]; returns the row count.
+fn check_topk_io<T: Real>(logits: &[T], bias: Option<&[T]>, gate: &Gate, ids: usize, sel: usize, weights: usize) -> Result<usize, CoreError> {
+    gate.check()?;
+    let e = gate.n_experts;
+    if logits.len() % e != 0 {
+        return Err(CoreError::Invalid { arg: "logits", why: format!("length {} is not a multiple of E={e}", logits.len()) });
+    }
+    let rows = logits.len() / e;
+    let k = gate.k;
+    for (arg, got) in [("expert_ids", ids), ("sel", sel), ("weights", weights)] {
+        if got != rows * k {
+            return Err(CoreError::LengthMismatch { arg, expected: rows * k, got });
+        }
+    }
+    if let Some(b) = bias {
+        if b.len() != e {
+            return Err(CoreError::LengthMismatch { arg: "bias", expected: e, got: b.len() });
+        }
+        if b.iter().any(|v| !(v.to_f64().is_finite())) {
+            return Err(CoreError::Invalid { arg: "bias", why: "must be finite".into() });
+        }
+    }
+    Ok(rows)
+}
+
+/// The error of a gate pass that found NaN scores.
+fn nan_error<T: Real>(logits: &[T]) -> CoreError {
+    if logits.iter().any(|v| v.is_nan()) {
+        return CoreError::NanInput { arg: "logits" };
+    }
+    CoreError::Invalid {
+        arg: "logits",
+        why: "a row's scores are NaN (+inf logits, or a row of only -inf logits, under softmax)".into(),
+    }
+}
+
 const ROWS_PER_TASK: usize = 64;
 
 /// Route `rows` rows of `logits [rows, E]` (row-major): `ids [rows, k]` (descending choice score, ties
@@ -334,26 +433,8 @@ pub fn route_topk<T: Real>(
     sel: &mut [T],
     weights: &mut [T],
 ) -> Result<(), CoreError> {
-    gate.check()?;
-    let e = gate.n_experts;
-    if logits.len() % e != 0 {
-        return Err(CoreError::Invalid { arg: "logits", why: format!("length {} is not a multiple of E={e}", logits.len()) });
-    }
-    let rows = logits.len() / e;
-    let k = gate.k;
-    for (arg, got) in [("expert_ids", ids.len()), ("sel", sel.len()), ("weights", weights.len())] {
-        if got != rows * k {
-            return Err(CoreError::LengthMismatch { arg, expected: rows * k, got });
-        }
-    }
-    if let Some(b) = bias {
-        if b.len() != e {
-            return Err(CoreError::LengthMismatch { arg: "bias", expected: e, got: b.len() });
-        }
-        if b.iter().any(|v| !(v.to_f64().is_finite())) {
-            return Err(CoreError::Invalid { arg: "bias", why: "must be finite".into() });
-        }
-    }
+    let rows = check_topk_io(logits, bias, gate, ids.len(), sel.len(), weights.len())?;
+    let (e, k) = (gate.n_experts, gate.k);
     if rows == 0 {
         return Ok(());
     }
@@ -364,33 +445,16 @@ pub fn route_topk<T: Real>(
             .zip(weights.par_chunks_mut(ROWS_PER_TASK * k))
             .enumerate()
             .for_each(|(task, ((ids, sel), w))| {
-                let mut buf = RowBufs {
-                    scores: vec![T::ZERO; e],
-                    choice: vec![T::ZERO; if bias.is_some() { e } else { 0 }],
-                    groups: vec![(T::ZERO, 0); gate.topk_groups],
-                    best: vec![(T::ZERO, 0); k],
-                    allowed: vec![false; gate.n_groups],
-                };
                 let r0 = task * ROWS_PER_TASK;
-                for r in 0..ids.len() / k {
-                    let x = &logits[(r0 + r) * e..(r0 + r + 1) * e];
-                    let o = r * k..(r + 1) * k;
-                    if !route_row(x, bias, gate, &mut buf, &mut ids[o.clone()], &mut sel[o.clone()], &mut w[o]) {
-                        bad.store(true, Ordering::Relaxed);
-                        return;
-                    }
+                let x = &logits[r0 * e..(r0 + ids.len() / k) * e];
+                if !T::route_rows(x, bias, gate, ids, sel, w, None) {
+                    bad.store(true, Ordering::Relaxed);
                 }
             });
         Ok(())
     })?;
     if bad.load(Ordering::Relaxed) {
-        if logits.iter().any(|v| v.is_nan()) {
-            return Err(CoreError::NanInput { arg: "logits" });
-        }
-        return Err(CoreError::Invalid {
-            arg: "logits",
-            why: "a row's scores are NaN (+inf logits, or a row of only -inf logits, under softmax)".into(),
-        });
+        return Err(nan_error(logits));
     }
     Ok(())
 }
@@ -550,6 +614,102 @@ pub fn route_tables(
     })
 }
 
+/// The whole plan in one call: the gate of [`route_topk`] fused with the dropless counting sort (each
+/// task counts the experts it chose while routing its rows, so the tables cost one scan and one
+/// scatter pass, no second histogram pass). With a capacity, [`route_tables`] runs on the ids.
+/// Same outputs, contracts and errors as [`route_topk`] followed by [`route_tables`].
+#[allow(clippy::too_many_arguments)]
+pub fn route_plan<T: Real>(
+    logits: &[T],
+    bias: Option<&[T]>,
+    gate: &Gate,
+    capacity: Option<usize>,
+    policy: DropPolicy,
+    ids: &mut [i64],
+    sel: &mut [T],
+    weights: &mut [T],
+    order: &mut [i64],
+    inverse: &mut [i64],
+    counts: &mut [i64],
+    offsets: &mut [i64],
+    kept: &mut [bool],
+) -> Result<(), CoreError> {
+    let rows = check_topk_io(logits, bias, gate, ids.len(), sel.len(), weights.len())?;
+    let (e, k) = (gate.n_experts, gate.k);
+    let n = rows * k;
+    for (arg, got, want) in [
+        ("order", order.len(), n),
+        ("inverse", inverse.len(), n),
+        ("counts", counts.len(), e),
+        ("offsets", offsets.len(), e + 1),
+        ("kept", kept.len(), n),
+    ] {
+        if got != want {
+            return Err(CoreError::LengthMismatch { arg, expected: want, got });
+        }
+    }
+    if let Some(cap) = capacity {
+        route_topk(logits, bias, gate, ids, sel, weights)?;
+        let prio: Vec<f32> = if policy == DropPolicy::Probs { sel.iter().map(|v| v.to_f64() as f32).collect() } else { Vec::new() };
+        let p = if policy == DropPolicy::Probs { Some(&prio[..]) } else { None };
+        return route_tables(ids, e, Some(cap.min(n)), policy, p, order, inverse, counts, offsets, kept);
+    }
+    if rows == 0 {
+        counts.fill(0);
+        offsets.fill(0);
+        return Ok(());
+    }
+    pool::run(|| {
+        // a few tasks per thread: enough to balance a busy machine, few histograms to scan
+        let rpt = rows.div_ceil(8 * rayon::current_num_threads().max(1)).max(ROWS_PER_TASK);
+        let hists: Vec<Option<Vec<usize>>> = ids
+            .par_chunks_mut(rpt * k)
+            .zip(sel.par_chunks_mut(rpt * k))
+            .zip(weights.par_chunks_mut(rpt * k))
+            .enumerate()
+            .map(|(task, ((ids, sel), w))| {
+                let r0 = task * rpt;
+                let x = &logits[r0 * e..(r0 + ids.len() / k) * e];
+                let mut h = vec![0usize; e];
+                T::route_rows(x, bias, gate, ids, sel, w, Some(&mut h)).then_some(h)
+            })
+            .collect();
+        let Some(mut cursors) = hists.into_iter().collect::<Option<Vec<Vec<usize>>>>() else {
+            return Err(nan_error(logits));
+        };
+        // exclusive scan in (expert, task) order: task t's slots of expert b start after the earlier tasks'
+        let mut acc = 0usize;
+        for b in 0..e {
+            offsets[b] = acc as i64;
+            for cur in cursors.iter_mut() {
+                let c = cur[b];
+                cur[b] = acc;
+                acc += c;
+            }
+            counts[b] = acc as i64 - offsets[b];
+        }
+        offsets[e] = acc as i64;
+        kept.par_iter_mut().for_each(|v| *v = true);
+        let ids: &[i64] = ids;
+        let optr = SendPtr(order.as_mut_ptr());
+        let iptr = SendPtr(inverse.as_mut_ptr());
+        cursors.into_par_iter().enumerate().for_each(|(task, mut cur)| {
+            #[allow(clippy::needless_range_loop)] // s is both the slot written and the index read
+            for s in task * rpt * k..((task + 1) * rpt * k).min(n) {
+                let b = ids[s] as usize;
+                let p = cur[b];
+                cur[b] += 1;
+                // SAFETY: each (expert, task) owns a disjoint range of positions, p < n; s is this task's.
+                unsafe {
+                    optr.write(p, s as i64);
+                    iptr.write(s, p as i64);
+                }
+            }
+        });
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,5 +791,120 @@ mod tests {
         assert_eq!((o, c, off, k), (vec![0, 1, 3, 2, 4], vec![2, 1], vec![0, 2, 3], vec![true, true, false, true, false]));
         let (o, c, _, _) = tables(&ids, 2, Some(2), DropPolicy::Probs, Some(&prio));
         assert_eq!((o, c), (vec![1, 4, 3, 0, 2], vec![2, 1]));
+    }
+
+    #[test]
+    fn simd_kernels_equal_portable_kernel() {
+        // ties, -inf, near-equal values, every score function, with and without bias and groups
+        let rows = 200;
+        for &(e, k, groups) in &[(256usize, 8usize, 1usize), (256, 3, 1), (64, 8, 8), (48, 1, 1), (33, 8, 1), (40, 12, 1)] {
+            let x: Vec<f32> = (0..rows * e)
+                .map(|i| match i % 97 {
+                    0 => f32::NEG_INFINITY,
+                    r if r < 40 => ((i * 7919 % 9) as f32 - 4.0) * 0.5,
+                    _ => ((i * 2_654_435_761usize % 100_003) as f32 / 100_003.0 - 0.5) * 8.0,
+                })
+                .collect();
+            let bias: Vec<f32> = (0..e).map(|i| (i % 5) as f32 * 0.01).collect();
+            for score in [ScoreFn::Softmax, ScoreFn::Sigmoid, ScoreFn::Identity] {
+                for b in [None, Some(&bias[..])] {
+                    let mut g = gate(e, k);
+                    g.score = score;
+                    g.n_groups = groups;
+                    g.topk_groups = if groups > 1 { 3 } else { 1 };
+                    g.normalize = b.is_some();
+                    let n = rows * k;
+                    let run = |level: u8| {
+                        let (mut i, mut s, mut w, mut h) = (vec![0; n], vec![0.0f32; n], vec![0.0f32; n], vec![0usize; e]);
+                        let mut buf = fast::Bufs::new(&g);
+                        let ok = fast::rows(&x, b, &g, &mut buf, &mut i, &mut s, &mut w, Some(&mut h), level);
+                        (ok, i, s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), h)
+                    };
+                    let want = run(0);
+                    assert!(want.0 || score == ScoreFn::Softmax);
+                    for level in 1..=fast::simd_level() {
+                        assert_eq!(run(level), want, "{level}: {e} {k} {groups} {score:?} {}", b.is_some());
+                    }
+                    // and the generic kernel picks the same experts
+                    let (mut i0, mut s0, mut w0) = (vec![0; n], vec![0.0f32; n], vec![0.0f32; n]);
+                    assert_eq!(rows_generic(&x, b, &g, &mut i0, &mut s0, &mut w0, None), want.0);
+                    if want.0 {
+                        assert_eq!(i0, want.1, "{e} {k} {groups} {score:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_plan_equals_topk_then_tables() {
+        // rows with ties, -inf and both score functions; E not a multiple of the lane width
+        for &(e, k) in &[(37usize, 5usize), (256, 8), (16, 16), (40, 1), (7, 3)] {
+            let rows = 300;
+            let x: Vec<f32> = (0..rows * e).map(|i| ((i * 7919 % 23) as f32 - 11.0) * 0.25).collect();
+            for score in [ScoreFn::Softmax, ScoreFn::Sigmoid, ScoreFn::Identity] {
+                let mut g = gate(e, k);
+                g.score = score;
+                let n = rows * k;
+                let (mut i1, mut s1, mut w1) = (vec![0; n], vec![0.0f32; n], vec![0.0f32; n]);
+                route_topk(&x, None, &g, &mut i1, &mut s1, &mut w1).unwrap();
+                // the generic kernel is the reference for the vectorised float32 one
+                let (mut i0, mut s0, mut w0) = (vec![0; n], vec![0.0f32; n], vec![0.0f32; n]);
+                assert!(rows_generic(&x, None, &g, &mut i0, &mut s0, &mut w0, None));
+                assert_eq!(i0, i1, "{e} {k} {score:?}");
+                let (o0, c0, off0, k0) = tables(&i1, e, None, DropPolicy::Position, None);
+                let (mut o, mut inv, mut c, mut off, mut kp) = (vec![0; n], vec![0; n], vec![0; e], vec![0; e + 1], vec![false; n]);
+                let (mut i2, mut s2, mut w2) = (vec![0; n], vec![0.0f32; n], vec![0.0f32; n]);
+                route_plan(&x, None, &g, None, DropPolicy::Probs, &mut i2, &mut s2, &mut w2, &mut o, &mut inv, &mut c, &mut off, &mut kp).unwrap();
+                assert_eq!((i2, s2, w2), (i1, s1, w1));
+                assert_eq!((o.clone(), c, off, kp), (o0, c0, off0, k0));
+                for (p, &sl) in o.iter().enumerate() {
+                    assert_eq!(inv[sl as usize], p as i64);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    /// `cargo test --profile fast -p sparsekit-core timing -- --ignored --nocapture`: phase times of the
+    /// benchmark's shape (a development aid, not an assertion).
+    #[test]
+    #[ignore]
+    fn phases() {
+        let (rows, e, k) = (262_144usize, 256usize, 8usize);
+        let mut st = 0x9E37_79B9_7F4A_7C15u64;
+        let x: Vec<f32> = (0..rows * e)
+            .map(|_| {
+                st ^= st << 13;
+                st ^= st >> 7;
+                st ^= st << 17;
+                ((st >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+            })
+            .collect();
+        let n = rows * k;
+        let (mut ids, mut sel, mut w) = (vec![0i64; n], vec![0.0f32; n], vec![0.0f32; n]);
+        let (mut o, mut inv, mut c, mut off, mut kp) = (vec![0; n], vec![0; n], vec![0; e], vec![0; e + 1], vec![false; n]);
+        fast::micro(&x, e);
+        for score in [ScoreFn::Identity, ScoreFn::Softmax] {
+            let g = Gate { n_experts: e, k, score, n_groups: 1, topk_groups: 1, group_mode: GroupMode::Max, normalize: false, scale: 1.0 };
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                pool::install(|| {
+                    let mut buf = fast::Bufs::new(&g);
+                    fast::rows(&x, None, &g, &mut buf, &mut ids, &mut sel, &mut w, None, fast::simd_level())
+                });
+                let t1 = t.elapsed();
+                let t = std::time::Instant::now();
+                route_plan(&x, None, &g, None, DropPolicy::Probs, &mut ids, &mut sel, &mut w, &mut o, &mut inv, &mut c, &mut off, &mut kp).unwrap();
+                let t2 = t.elapsed();
+                let t = std::time::Instant::now();
+                let s: f32 = x.iter().sum();
+                let t3 = t.elapsed();
+                eprintln!("{score:?}: rows (1 thread) {t1:?}  plan {t2:?}  sum {t3:?} {s}");
+            }
+        }
     }
 }

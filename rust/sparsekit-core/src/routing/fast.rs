@@ -1,0 +1,523 @@
+//! The float32 gate kernel: one row at a time, everything in L1, written as fixed-width lane loops so
+//! LLVM vectorises them, and compiled twice (baseline x86-64, and AVX2 with an intrinsic top-k) behind
+//! a runtime check. Both builds compute the scores with the same IEEE operations in the same order
+//! (Rust never contracts `a*b+c` into an FMA) and pick the same top-k, so the answer does not depend
+//! on the CPU (tested: the AVX2 path against the portable one).
+//!
+//! Per row: scores (softmax: max, exp, 16-lane sum, divide; sigmoid through `exp(-|x|)` so only the
+//! branch-free `exp` of a non-positive argument is needed), the bias for the choice, then top-k. The
+//! AVX2 top-k (k <= 8) first takes a lower bound, the k-th largest of 16 lane maxima (k elements are
+//! at or above it, so the k-th largest element is too); only the few elements >= the bound reach a
+//! sorted 8-entry list kept in two registers, inserted without branches. Softmax without a bias or
+//! groups also skips the division pass: the candidates are found on `exp(x - max)` (division by the
+//! row sum is monotone; the bound gets a margin so rounding cannot merge a non-candidate with the
+//! k-th score) and only they are divided.
+
+use super::{choose_groups, exp_nonpos_f32, push_top, Gate, ScoreFn};
+
+/// Lanes of the row loops (two AVX2 registers).
+const LANES: usize = 16;
+
+/// Softmax numerators `e = exp(x - max)` into `s`, their 16-lane-ordered sum `z` and the 16 lane
+/// maxima of `e`. `z` is NaN for NaN logits, `+inf`, or an all `-inf` row.
+#[inline(always)]
+fn softmax_numerators(x: &[f32], s: &mut [f32], lm: &mut [f32; LANES]) -> f32 {
+    let e = x.len();
+    let full = e - e % LANES;
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    for c in x[..full].chunks_exact(LANES) {
+        for i in 0..LANES {
+            mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in mx.iter().chain(&x[full..]) {
+        m = if v > m { v } else { m };
+    }
+    let mut zs = [0.0f32; LANES];
+    *lm = [f32::NEG_INFINITY; LANES];
+    for (sc, xc) in s[..full].chunks_exact_mut(LANES).zip(x[..full].chunks_exact(LANES)) {
+        for i in 0..LANES {
+            let v = exp_nonpos_f32(xc[i] - m);
+            sc[i] = v;
+            zs[i] += v;
+            lm[i] = if v > lm[i] { v } else { lm[i] };
+        }
+    }
+    let mut z = 0.0f32;
+    for &v in &zs {
+        z += v;
+    }
+    for (d, &v) in s[full..].iter_mut().zip(&x[full..]) {
+        *d = exp_nonpos_f32(v - m);
+        z += *d;
+    }
+    z
+}
+
+/// Scores of one row into `s`; false when one of them is NaN (NaN logits, `+inf` or an all `-inf` row
+/// under softmax).
+#[inline(always)]
+fn scores(x: &[f32], score: ScoreFn, s: &mut [f32]) -> bool {
+    let e = x.len();
+    let full = e - e % LANES;
+    match score {
+        ScoreFn::Softmax => {
+            let mut lm = [0.0f32; LANES];
+            let z = softmax_numerators(x, s, &mut lm);
+            if z.is_nan() {
+                return false;
+            }
+            for v in s.iter_mut() {
+                *v /= z;
+            }
+            true
+        }
+        ScoreFn::Sigmoid => {
+            let mut acc = [0.0f32; LANES];
+            for (sc, xc) in s[..full].chunks_exact_mut(LANES).zip(x[..full].chunks_exact(LANES)) {
+                for i in 0..LANES {
+                    let v = sigmoid(xc[i]);
+                    sc[i] = v;
+                    acc[i] += v;
+                }
+            }
+            let mut t = 0.0f32;
+            for &v in &acc {
+                t += v;
+            }
+            for (d, &v) in s[full..].iter_mut().zip(&x[full..]) {
+                *d = sigmoid(v);
+                t += *d;
+            }
+            !t.is_nan() // scores lie in [0, 1]: the sum is NaN exactly when one is
+        }
+        ScoreFn::Identity => {
+            s.copy_from_slice(x);
+            let mut nan = false;
+            for &v in x {
+                nan |= v.is_nan();
+            }
+            !nan
+        }
+    }
+}
+
+/// `1 / (1 + e^-x)` from `e = exp(-|x|)` alone: `1/(1+e)` for x >= 0, `e/(1+e)` below (NaN stays NaN).
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    let e = exp_nonpos_f32(-x.abs());
+    let num = if x >= 0.0 { 1.0 } else { e };
+    num / (1.0 + e)
+}
+
+/// Portable top-k of `c` into `best` (descending, ties to the lower index, no NaN): the k-th best so
+/// far kept in a register, so most elements fail one compare.
+#[inline(always)]
+fn topk_scan(c: &[f32], best: &mut [(f32, usize)]) {
+    let k = best.len();
+    let mut len = 0usize;
+    let mut thr = f32::NEG_INFINITY;
+    for (j, &v) in c.iter().enumerate() {
+        if len < k || v > thr {
+            push_top(best, &mut len, v, j);
+            if len == k {
+                thr = best[k - 1].0;
+            }
+        }
+    }
+}
+
+/// The k-th largest of the 16 lane maxima (k <= 16), branch-free: the least `lm[i]` with fewer than
+/// `k` lane maxima strictly above it.
+#[inline(always)]
+#[cfg(test)]
+fn kth_lane_max(lm: &[f32; LANES], k: usize) -> f32 {
+    let mut bound = f32::INFINITY;
+    for i in 0..LANES {
+        let mut above = 0u32;
+        for &v in lm {
+            above += (v > lm[i]) as u32;
+        }
+        let b = if (above as usize) < k { lm[i] } else { f32::INFINITY };
+        bound = if b < bound { b } else { bound };
+    }
+    bound
+}
+
+/// 16 lane maxima of `c` (its first `len - len % 16` elements).
+#[inline(always)]
+fn lane_max(c: &[f32]) -> [f32; LANES] {
+    let full = c.len() - c.len() % LANES;
+    let mut lm = [f32::NEG_INFINITY; LANES];
+    for ch in c[..full].chunks_exact(LANES) {
+        for i in 0..LANES {
+            lm[i] = if ch[i] > lm[i] { ch[i] } else { lm[i] };
+        }
+    }
+    lm
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! Every function here carries the AVX2 feature itself, so LLVM inlines the intrinsics into it and
+    //! it into `rows_avx2` (no closures: they would not inherit the feature).
+    use std::arch::x86_64::*;
+
+    /// `pack[m]`: the lane numbers of the set bits of `m`, in order (an 8-lane compress by permute).
+    static PACK: [[u8; 8]; 256] = {
+        let mut t = [[0u8; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let (mut n, mut b) = (0, 0);
+            while b < 8 {
+                if m & (1 << b) != 0 {
+                    t[m][n] = b as u8;
+                    n += 1;
+                }
+                b += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    /// The k-th largest (`k <= 16`) of the 16 lane maxima: the least one with fewer than k above it.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn kth16(lm: &[f32; 16], k: usize) -> f32 {
+        // SAFETY: loads of the two halves of a 16-element array
+        let (a, b) = unsafe { (_mm256_loadu_ps(lm.as_ptr()), _mm256_loadu_ps(lm.as_ptr().add(8))) };
+        let mut bound = f32::INFINITY;
+        for &v in lm {
+            let vv = _mm256_set1_ps(v);
+            let above = (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a, vv)) as u32).count_ones()
+                + (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(b, vv)) as u32).count_ones();
+            let c = if (above as usize) < k { v } else { f32::INFINITY };
+            bound = if c < bound { c } else { bound };
+        }
+        bound
+    }
+
+    /// Top `k <= 8` of the candidates `c[j] >= bound`, ranked by `c[j] / z` (`div = Some(z)`) or by
+    /// `c[j]`, ties to the lower index; `(index, key)` into `out[..k]`. The candidates are packed
+    /// without branches (compare, mask, permute by table) into `cv` / `ci` (length >= c.len() + 8);
+    /// up to 32 of them are ranked all-against-all (rank = keys above + equal keys at lower indices),
+    /// more fall back to an insertion list. False when fewer than k candidates (not possible for a
+    /// valid bound).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn topk8(c: &[f32], bound: f32, div: Option<f32>, cv: &mut [f32], ci: &mut [i32], out: &mut [(usize, f32)]) {
+        let k = out.len();
+        let full = c.len() - c.len() % 8;
+        assert!(cv.len() >= c.len() + 8 && ci.len() >= c.len() + 8);
+        let bv = _mm256_set1_ps(bound);
+        let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mut nc = 0usize;
+        let mut b = 0;
+        while b < full {
+            // SAFETY: b + 8 <= full <= c.len(); nc <= b, so nc + 8 <= c.len() + 8 <= cv.len(), ci.len()
+            unsafe {
+                let x = _mm256_loadu_ps(c.as_ptr().add(b));
+                let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, bv)) as usize;
+                let perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(PACK[m].as_ptr() as *const __m128i));
+                _mm256_storeu_ps(cv.as_mut_ptr().add(nc), _mm256_permutevar8x32_ps(x, perm));
+                let idx = _mm256_add_epi32(iota, _mm256_set1_epi32(b as i32));
+                _mm256_storeu_si256(ci.as_mut_ptr().add(nc) as *mut __m256i, _mm256_permutevar8x32_epi32(idx, perm));
+                nc += m.count_ones() as usize;
+            }
+            b += 8;
+        }
+        for (j, &v) in c.iter().enumerate().skip(full) {
+            cv[nc] = v;
+            ci[nc] = j as i32;
+            nc += (v >= bound) as usize;
+        }
+        if let Some(z) = div {
+            for v in cv[..nc].iter_mut() {
+                *v /= z;
+            }
+        }
+        if nc <= 32 {
+            // pad to 32 with -inf at indices past every candidate: they never outrank one
+            cv[nc..32].fill(f32::NEG_INFINITY);
+            // SAFETY: 32 <= c.len() + 8 <= cv.len() since the caller has c.len() >= 32
+            let keys = unsafe {
+                [
+                    _mm256_loadu_ps(cv.as_ptr()),
+                    _mm256_loadu_ps(cv.as_ptr().add(8)),
+                    _mm256_loadu_ps(cv.as_ptr().add(16)),
+                    _mm256_loadu_ps(cv.as_ptr().add(24)),
+                ]
+            };
+            let mut slots = [(0usize, 0.0f32); 9]; // slot 8 takes every rank >= k
+            for t in 0..nc {
+                let vv = _mm256_set1_ps(cv[t]);
+                let mut rank = 0u32;
+                for (q, &kq) in keys.iter().enumerate() {
+                    let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(kq, vv)) as u32;
+                    let eq = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(kq, vv)) as u32;
+                    // equal keys count when they sit at an earlier candidate position (lower index)
+                    let before = if t >= 8 * (q + 1) { 0xFF } else if t <= 8 * q { 0 } else { (1u32 << (t - 8 * q)) - 1 };
+                    rank += (gt | (eq & before)).count_ones();
+                }
+                let r = (rank as usize).min(8);
+                slots[if r < k { r } else { 8 }] = (ci[t] as usize, cv[t]);
+            }
+            out.copy_from_slice(&slots[..k]);
+        } else {
+            let mut best = [(0.0f32, 0usize); 8];
+            let mut len = 0usize;
+            for t in 0..nc {
+                super::push_top(&mut best[..k], &mut len, cv[t], ci[t] as usize);
+            }
+            for (o, &(v, j)) in out.iter_mut().zip(&best[..k]) {
+                *o = (j, v);
+            }
+        }
+    }
+}
+
+/// Scratch of one task.
+pub(super) struct Bufs {
+    pub scores: Vec<f32>,
+    pub choice: Vec<f32>,
+    pub best: Vec<(f32, usize)>,
+    pub groups: Vec<(f32, usize)>,
+    pub allowed: Vec<bool>,
+    pub cv: Vec<f32>,
+    pub ci: Vec<i32>,
+}
+
+impl Bufs {
+    pub fn new(g: &Gate) -> Self {
+        Bufs {
+            scores: vec![0.0; g.n_experts],
+            choice: vec![0.0; g.n_experts],
+            best: vec![(0.0, 0); g.k],
+            groups: vec![(0.0, 0); g.topk_groups],
+            allowed: vec![false; g.n_groups],
+            cv: vec![0.0; g.n_experts + 8],
+            ci: vec![0; g.n_experts + 8],
+        }
+    }
+}
+
+/// Write one row's outputs from `best` (its chosen experts and their unbiased scores `sv`).
+#[inline(always)]
+fn emit(g: &Gate, best: &[(usize, f32)], ids: &mut [i64], sel: &mut [f32], w: &mut [f32], hist: Option<&mut [usize]>) {
+    let scale = g.scale as f32;
+    let mut total = 0.0f32;
+    for (j, &(ex, sv)) in best.iter().enumerate() {
+        ids[j] = ex as i64;
+        sel[j] = sv;
+        total += sv;
+    }
+    for j in 0..best.len() {
+        let v = sel[j];
+        w[j] = if g.normalize { v / total } else { v } * scale;
+    }
+    if let Some(h) = hist {
+        for &(ex, _) in best {
+            h[ex] += 1;
+        }
+    }
+}
+
+/// Route the rows of `x` (`rows * E`), writing `ids`, `sel`, `w` (`rows * k`) and adding each chosen
+/// expert to `hist` (when given). False when a row's scores hold a NaN. `AVX2`: use the intrinsic top-k
+/// (the caller is compiled with AVX2).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_impl<const AVX2: bool>(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    g: &Gate,
+    buf: &mut Bufs,
+    ids: &mut [i64],
+    sel: &mut [f32],
+    w: &mut [f32],
+    mut hist: Option<&mut [usize]>,
+) -> bool {
+    let e = g.n_experts;
+    let k = g.k;
+    let fast_topk = AVX2 && cfg!(target_arch = "x86_64") && k <= 8 && e >= 2 * LANES && g.n_groups == 1;
+    let mut pairs = [(0usize, 0.0f32); 8];
+    for (r, xr) in x.chunks_exact(e).enumerate() {
+        let o = r * k..(r + 1) * k;
+        let s = &mut buf.scores[..];
+        #[cfg(target_arch = "x86_64")]
+        if fast_topk && g.score == ScoreFn::Softmax && bias.is_none() {
+            // deferred division: candidates on the numerators, only they are divided
+            let mut lm = [0.0f32; LANES];
+            let z = softmax_numerators(xr, s, &mut lm);
+            if z.is_nan() {
+                return false;
+            }
+            // SAFETY: AVX2 is enabled in this build (AVX2 = true only inside rows_avx2 / rows_avx512)
+            let be = unsafe { avx2::kth16(&lm, k) };
+            // no candidate is lost: a numerator below lo divides to a score strictly below be / z
+            let lo = if be >= 1e-20 { be * (1.0 - 1.0 / 1_048_576.0) } else { 0.0 };
+            // SAFETY: as above
+            unsafe { avx2::topk8(s, lo, Some(z), &mut buf.cv, &mut buf.ci, &mut pairs[..k]) };
+            emit(g, &pairs[..k], &mut ids[o.clone()], &mut sel[o.clone()], &mut w[o], hist.as_deref_mut());
+            continue;
+        }
+        if !scores(xr, g.score, s) {
+            return false;
+        }
+        let choice: &[f32] = match bias {
+            Some(b) => {
+                for ((c, &v), &bv) in buf.choice.iter_mut().zip(s.iter()).zip(b) {
+                    *c = v + bv;
+                }
+                &buf.choice
+            }
+            None => s,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if fast_topk {
+            // SAFETY: as above
+            let bound = unsafe { avx2::kth16(&lane_max(choice), k) };
+            // SAFETY: as above
+            unsafe { avx2::topk8(choice, bound, None, &mut buf.cv, &mut buf.ci, &mut pairs[..k]) };
+            for p in pairs[..k].iter_mut() {
+                p.1 = s[p.0]; // the weight comes from the unbiased score
+            }
+            emit(g, &pairs[..k], &mut ids[o.clone()], &mut sel[o.clone()], &mut w[o], hist.as_deref_mut());
+            continue;
+        }
+        let best = &mut buf.best[..k];
+        if g.n_groups > 1 {
+            choose_groups(choice, g, &mut buf.groups, &mut buf.allowed, best);
+        } else {
+            topk_scan(choice, best);
+        }
+        let (ids_r, sel_r, w_r) = (&mut ids[o.clone()], &mut sel[o.clone()], &mut w[o]);
+        let scale = g.scale as f32;
+        let mut total = 0.0f32;
+        for (j, &(_, ex)) in best.iter().enumerate() {
+            ids_r[j] = ex as i64;
+            sel_r[j] = s[ex];
+            total += s[ex];
+        }
+        for j in 0..k {
+            let v = sel_r[j];
+            w_r[j] = if g.normalize { v / total } else { v } * scale;
+        }
+        if let Some(h) = hist.as_deref_mut() {
+            for &(_, ex) in best.iter() {
+                h[ex] += 1;
+            }
+        }
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_avx2(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    g: &Gate,
+    buf: &mut Bufs,
+    ids: &mut [i64],
+    sel: &mut [f32],
+    w: &mut [f32],
+    hist: Option<&mut [usize]>,
+) -> bool {
+    rows_impl::<true>(x, bias, g, buf, ids, sel, w, hist)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_avx512(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    g: &Gate,
+    buf: &mut Bufs,
+    ids: &mut [i64],
+    sel: &mut [f32],
+    w: &mut [f32],
+    hist: Option<&mut [usize]>,
+) -> bool {
+    // the same code with 16-lane vectors for the score loops
+    rows_impl::<true>(x, bias, g, buf, ids, sel, w, hist)
+}
+
+/// The widest build of [`rows`] this CPU runs: 0 portable, 1 AVX2, 2 AVX-512 (`SPARSEKIT_SIMD=0|1`
+/// caps it, to test the others).
+pub(super) fn simd_level() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cap = std::env::var("SPARSEKIT_SIMD").ok().and_then(|v| v.trim().parse::<u8>().ok()).unwrap_or(2);
+        let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let avx512 = avx2
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq");
+        (if avx512 { 2 } else if avx2 { 1 } else { 0 }).min(cap)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        0
+    }
+}
+
+/// [`rows_impl`] on the build `level` (from [`simd_level`]; same answer on every level).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rows(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    g: &Gate,
+    buf: &mut Bufs,
+    ids: &mut [i64],
+    sel: &mut [f32],
+    w: &mut [f32],
+    hist: Option<&mut [usize]>,
+    level: u8,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `level` came from `simd_level`, which checked the CPU.
+        if level >= 2 {
+            return unsafe { rows_avx512(x, bias, g, buf, ids, sel, w, hist) };
+        }
+        if level == 1 {
+            return unsafe { rows_avx2(x, bias, g, buf, ids, sel, w, hist) };
+        }
+    }
+    let _ = level;
+    rows_impl::<false>(x, bias, g, buf, ids, sel, w, hist)
+}
+
+#[cfg(test)]
+pub(super) fn micro(x: &[f32], e: usize) {
+    let t = std::time::Instant::now();
+    let mut acc = 0.0f32;
+    for r in x.chunks_exact(e) {
+        acc += kth_lane_max(&lane_max(r), 8);
+    }
+    eprintln!("lane bound {:?} {acc}", t.elapsed());
+    let t = std::time::Instant::now();
+    let mut acc = 0.0f32;
+    for r in x.chunks_exact(e) {
+        acc += lane_max(r)[3];
+    }
+    eprintln!("lane max only {:?} {acc}", t.elapsed());
+    #[cfg(target_arch = "x86_64")]
+    {
+        let t = std::time::Instant::now();
+        let mut out = [(0usize, 0.0f32); 8];
+        let mut acc = 0usize;
+        let (mut cv, mut ci) = (vec![0.0; e + 8], vec![0; e + 8]);
+        for r in x.chunks_exact(e) {
+            unsafe { avx2::topk8(r, 2.5, None, &mut cv, &mut ci, &mut out) };
+            acc += out[7].0;
+        }
+        eprintln!("topk8 at fixed bound {:?} {acc}", t.elapsed());
+    }
+}

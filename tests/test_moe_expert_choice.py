@@ -1,0 +1,58 @@
+"""route_expert_choice against a plain-Python transcription (per expert: sort tokens by (-score, index),
+take C), the RoutingPlan contract, permute/unpermute on its plan, gradients, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsekit import moe
+
+
+@pytest.mark.parametrize("T,E,cf,score", [(20, 4, 1.0, "softmax"), (33, 5, 2.0, "sigmoid"), (7, 3, 10.0, "softmax")])
+def test_matches_python_reference(T, E, cf, score):
+    logits = torch.randint(-2, 3, (T, E), generator=torch.Generator().manual_seed(T)).float()  # many ties
+    plan = moe.route_expert_choice(logits, cf, score=score)
+    s = (torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)).tolist()
+    C = min(T, math.ceil(T * cf / E))
+    want = torch.zeros(T, E, dtype=torch.bool)
+    for e in range(E):
+        for t in sorted(range(T), key=lambda t: (-s[t][e], t))[:C]:
+            want[t, e] = True
+    assert plan.capacity == C and plan.k == E and torch.equal(plan.kept, want)
+    assert torch.equal(plan.counts, torch.full((E,), C)) and torch.equal(plan.offsets, torch.arange(E + 1) * C)
+    slots = [t * E + e for e in range(E) for t in range(T) if want[t, e]]
+    slots += [sl for sl in range(T * E) if not want.view(-1)[sl]]
+    assert plan.order.tolist() == slots
+    assert torch.equal(plan.order[plan.inverse], torch.arange(T * E)) and int(plan.dropped) == T * E - E * C
+
+
+def test_permute_unpermute_and_gradients():
+    logits = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(12, 3, dtype=torch.float64)
+
+    def f(lg):  # type: ignore[no-untyped-def]
+        plan = moe.route_expert_choice(lg, 1.5)
+        return moe.unpermute(moe.permute(x, plan) * 2.0, plan)
+
+    plan = moe.route_expert_choice(logits, 1.5)
+    ref = 2.0 * (plan.weights * plan.kept).sum(1, keepdim=True) * x  # each chosen expert: 2 * x, weighted
+    torch.testing.assert_close(f(logits), ref)
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe.route_expert_choice(torch.randn(4, 2), 0.0)
+    with pytest.raises(ValueError, match="score"):
+        moe.route_expert_choice(torch.randn(4, 2), 1.0, score="relu")
+    with pytest.raises(ValueError, match="logits"):
+        moe.route_expert_choice(torch.randn(4), 1.0)
+    with pytest.raises(TypeError, match="logits"):
+        moe.route_expert_choice(torch.zeros(4, 2, dtype=torch.int64), 1.0)
+    y = torch.randn(4, 2)
+    y[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        moe.route_expert_choice(y, 1.0)
