@@ -75,27 +75,30 @@ fn histogram<K: RadixKey, S: Scan<K>>(scan: &S, pieces: &[usize], prefix: u64, s
     let digit = (1u64 << bits) - 1;
     let bins = 1usize << bits;
     let everything = shift_hi >= K::BITS;
+    // One histogram per run of pieces (a few runs per thread), not per rayon split: a 64K-bin
+    // histogram costs as much to zero and merge as a few pieces cost to count.
+    let runs = (rayon::current_num_threads() * 4).max(1);
+    let per_run = pieces.len().div_ceil(runs).max(1);
     pieces
-        .par_iter()
-        .fold(
-            || (vec![0u64; bins], false),
-            |(mut hist, mut nan), &p| {
+        .par_chunks(per_run)
+        .map(|run| {
+            let mut hist = vec![0u64; bins];
+            let mut nan = false;
+            for &p in run {
                 nan |= scan.scan(p, |key: K| {
                     let key = key.to_u64();
                     if everything || high(key, shift_hi) == prefix {
                         hist[((key >> shift) & digit) as usize] += 1;
                     }
                 });
-                (hist, nan)
-            },
-        )
-        .reduce(
-            || (vec![0u64; bins], false),
-            |(mut a, na), (b, nb)| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                (a, na | nb)
-            },
-        )
+            }
+            (hist, nan)
+        })
+        .reduce_with(|(mut a, na), (b, nb)| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            (a, na | nb)
+        })
+        .unwrap_or_else(|| (vec![0u64; bins], false))
 }
 
 fn gather<K: RadixKey, S: Scan<K>>(scan: &S, pieces: &[usize], prefix: u64, shift: u32) -> Vec<K> {
@@ -117,6 +120,21 @@ fn gather<K: RadixKey, S: Scan<K>>(scan: &S, pieces: &[usize], prefix: u64, shif
 /// The cut of an exact top-`k` among the eligible keys of `pieces` (one cut per piece, in order).
 /// Errors when a NaN score is eligible (`arg` names the scores) or when fewer than `k` are eligible.
 pub fn topk_cut<K: RadixKey, S: Scan<K>>(scan: &S, pieces: &[usize], k: u64, arg: &'static str) -> Result<Vec<Cut<K>>, CoreError> {
+    if k > 0 {
+        if let Some(found) = bracketed(scan, pieces, k) {
+            let (above, inside, nan, eligible) = found;
+            if nan {
+                return Err(CoreError::NanInput { arg });
+            }
+            if k > eligible {
+                return Err(CoreError::Invalid { arg: "counts", why: format!("{k} to select but only {eligible} eligible") });
+            }
+            if let Some(inside) = inside.filter(|v| above < k && k <= above + v.len() as u64) {
+                let t = select_in_memory(inside, k - above, above);
+                return Ok(cuts_from(scan, pieces, k, t.key, t.greater, t.equal));
+            }
+        }
+    }
     let (mut hist, nan) = histogram(scan, pieces, 0, K::BITS);
     if nan {
         return Err(CoreError::NanInput { arg });
@@ -154,9 +172,14 @@ pub fn topk_cut<K: RadixKey, S: Scan<K>>(scan: &S, pieces: &[usize], k: u64, arg
         }
         hist = histogram(scan, pieces, prefix, shift).0;
     };
+    Ok(cuts_from(scan, pieces, k, key, greater, equal))
+}
+
+/// Per-piece cuts from the exact threshold (`greater` keys above it, `equal` at it).
+fn cuts_from<K: RadixKey, S: Scan<K>>(scan: &S, pieces: &[usize], k: u64, key: K, greater: u64, equal: u64) -> Vec<Cut<K>> {
     let take = k - greater;
     if take == equal {
-        return Ok(vec![Cut { key, quota: u64::MAX }; pieces.len()]);
+        return vec![Cut { key, quota: u64::MAX }; pieces.len()];
     }
     // Partial tie: the first `take` equal keys in global order, so count them per piece.
     let equal_per_piece: Vec<u64> = pieces
@@ -168,14 +191,80 @@ pub fn topk_cut<K: RadixKey, S: Scan<K>>(scan: &S, pieces: &[usize], k: u64, arg
         })
         .collect();
     let mut left = take;
-    Ok(equal_per_piece
+    equal_per_piece
         .iter()
         .map(|&c| {
             let q = left.min(c);
             left -= q;
             Cut { key, quota: q }
         })
-        .collect())
+        .collect()
+}
+
+/// Below this many elements the histogram passes are cheap enough on their own.
+const BRACKET_MIN_PIECES: usize = 4;
+/// Pieces sampled (whole, evenly spaced, so the same input always takes the same path).
+const SAMPLE_PIECES: usize = 32;
+const SIGMAS: f64 = 4.5;
+
+/// The fast path: bracket the k-th key with a deterministic sample of whole pieces, then one pass
+/// counts the eligible keys above the bracket and gathers those inside it. Returns (above, inside,
+/// nan, eligible); `inside` is `None` when it grew too large. The sample decides only how fast, never
+/// what: the caller checks that the bracket holds rank `k` and otherwise takes the histogram path.
+fn bracketed<K: RadixKey, S: Scan<K>>(scan: &S, pieces: &[usize], k: u64) -> Option<(u64, Option<Vec<K>>, bool, u64)> {
+    if pieces.len() < BRACKET_MIN_PIECES {
+        return None;
+    }
+    let stride = pieces.len().div_ceil(SAMPLE_PIECES);
+    let sampled: Vec<usize> = pieces.iter().step_by(stride).copied().collect();
+    let mut sample: Vec<K> = sampled
+        .par_iter()
+        .map(|&p| {
+            let mut out = Vec::new();
+            scan.scan(p, |key: K| out.push(key));
+            out
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    let s = sample.len();
+    if s < 1024 {
+        return None;
+    }
+    // Eligible total estimated from the sampled share of pieces (all but the last piece of a layer are full).
+    let est_total = (s as f64) * (pieces.len() as f64 / sampled.len() as f64);
+    let p = (k as f64 / est_total).min(1.0);
+    let center = p * s as f64;
+    let half = SIGMAS * (s as f64 * p * (1.0 - p)).sqrt() + 2.0 + 0.02 * s as f64 * p;
+    let mut nth = |i: f64| -> Option<K> {
+        if i < 0.0 || i >= s as f64 {
+            return None;
+        }
+        let (_, &mut key, _) = sample.select_nth_unstable_by(i as usize, |a, b| b.cmp(a));
+        Some(key)
+    };
+    let hi = nth((center - half).floor()).unwrap_or(K::MAX);
+    let lo = nth((center + half).ceil()).unwrap_or(K::MIN);
+    let max_inside = (GATHER_MAX * 4).max((4.0 * half * est_total / s as f64) as u64);
+    let parts: Vec<(u64, u64, Vec<K>, bool)> = pieces
+        .par_iter()
+        .map(|&p| {
+            let (mut above, mut all, mut inside) = (0u64, 0u64, Vec::new());
+            let nan = scan.scan(p, |key: K| {
+                all += 1;
+                above += (key > hi) as u64;
+                if key >= lo && key <= hi {
+                    inside.push(key);
+                }
+            });
+            (above, all, inside, nan)
+        })
+        .collect();
+    let above = parts.iter().map(|x| x.0).sum();
+    let eligible = parts.iter().map(|x| x.1).sum();
+    let nan = parts.iter().any(|x| x.3);
+    let n_inside: u64 = parts.iter().map(|x| x.2.len() as u64).sum();
+    let inside = (n_inside <= max_inside).then(|| parts.into_iter().flat_map(|x| x.2).collect());
+    Some((above, inside, nan, eligible))
 }
 
 #[cfg(test)]

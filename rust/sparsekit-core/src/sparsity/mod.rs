@@ -111,8 +111,17 @@ impl<T: Score, G: Score> Scan<G::Key> for GrowScan<'_, '_, T, G> {
             &self.view.masks[s.layer][s.start..s.end],
             &g[s.start..s.end],
         );
-        let mut kc = self.keep[piece].state();
         let mut nan = false;
+        if let Some(k) = Simple::of(&self.keep[piece]) {
+            for ((&x, &on), &y) in w.iter().zip(m).zip(g) {
+                if !(on & k.any & (x.abs_key() >= k.min)) {
+                    nan |= y.is_nan();
+                    f(y.abs_key());
+                }
+            }
+            return nan;
+        }
+        let mut kc = self.keep[piece].state();
         for ((&x, &on), &y) in w.iter().zip(m).zip(g) {
             if !(on && kc.take(x.abs_key())) {
                 nan |= y.is_nan();
@@ -257,25 +266,10 @@ fn write<T: Score, G: Score>(
         .par_iter_mut()
         .enumerate()
         .map(|(p, s)| {
-            let (mut kc, mut gc) = (keep[p].state(), grow[p].state());
-            let mut st = LayerStats::default();
-            for i in 0..s.weight.len() {
-                let old = s.mask[i];
-                let kept = old && kc.take(s.weight[i].abs_key());
-                let grown = !kept && s.grow.is_some_and(|g| gc.take(g[i].abs_key()));
-                let new = kept | grown;
-                s.mask[i] = new;
-                if !(new && old) {
-                    // Dropped, newly grown or still off: the weight and its state are (re)set to zero.
-                    s.weight[i] = zero;
-                    for state in s.states.iter_mut() {
-                        state[i] = zero;
-                    }
-                }
-                st.kept += new as u64;
-                st.grown += (new && !old) as u64;
-                st.dropped += (old && !new) as u64;
-            }
+            let st = match (Simple::of(&keep[p]), Simple::of(&grow[p])) {
+                (Some(k), Some(g)) => write_simple(s, k, g, zero),
+                _ => write_general(s, &keep[p], &grow[p], zero),
+            };
             (s.layer, st)
         })
         .collect();
@@ -287,6 +281,97 @@ fn write<T: Score, G: Score>(
         o.dropped += st.dropped;
     }
     out
+}
+
+/// A cut without a partial tie: "key >= min" (or nothing), which a branch-free loop can apply.
+#[derive(Clone, Copy)]
+struct Simple<K> {
+    min: K,
+    any: bool,
+}
+
+impl<K: RadixKey> Simple<K> {
+    fn of(cut: &Cut<K>) -> Option<Self> {
+        if cut.quota == u64::MAX {
+            Some(Simple { min: cut.key, any: true })
+        } else if cut.quota == 0 && cut.key == K::MAX {
+            Some(Simple { min: K::MAX, any: false })
+        } else {
+            None
+        }
+    }
+}
+
+fn write_simple<T: Score, G: Score>(s: &mut SpanMut<'_, T, G>, keep: Simple<T::Key>, grow: Simple<G::Key>, zero: T) -> LayerStats {
+    const CHUNK: usize = 256;
+    let (mut kept, mut grown, mut dropped) = (0u64, 0u64, 0u64);
+    let mut stay = [false; CHUNK];
+    let n = s.weight.len();
+    let mut start = 0;
+    while start < n {
+        let end = (start + CHUNK).min(n);
+        let (w, m) = (&mut s.weight[start..end], &mut s.mask[start..end]);
+        // Branch-free loops so they vectorise: the new mask first, then weights and each state
+        // selected against zero where the connection did not stay (dropped, new, or off).
+        match s.grow {
+            Some(g) if grow.any => {
+                for (((o, &x), &y), st) in m.iter_mut().zip(w.iter()).zip(&g[start..end]).zip(stay.iter_mut()) {
+                    let old = *o;
+                    let k = old & keep.any & (x.abs_key() >= keep.min);
+                    let new = k | (!k & (y.abs_key() >= grow.min));
+                    *o = new;
+                    *st = new & old;
+                    kept += new as u64;
+                    grown += (new & !old) as u64;
+                    dropped += (old & !new) as u64;
+                }
+            }
+            _ => {
+                for ((o, &x), st) in m.iter_mut().zip(w.iter()).zip(stay.iter_mut()) {
+                    let old = *o;
+                    let new = old & keep.any & (x.abs_key() >= keep.min);
+                    *o = new;
+                    *st = new;
+                    kept += new as u64;
+                    dropped += (old & !new) as u64;
+                }
+            }
+        }
+        let stay = &stay[..end - start];
+        for (x, &k) in w.iter_mut().zip(stay) {
+            *x = if k { *x } else { zero };
+        }
+        for state in s.states.iter_mut() {
+            for (x, &k) in state[start..end].iter_mut().zip(stay) {
+                *x = if k { *x } else { zero };
+            }
+        }
+        start = end;
+    }
+    LayerStats { kept, grown, dropped }
+}
+
+fn write_general<T: Score, G: Score>(s: &mut SpanMut<'_, T, G>, keep: &Cut<T::Key>, grow: &Cut<G::Key>, zero: T) -> LayerStats {
+    let (mut kc, mut gc) = (keep.state(), grow.state());
+    let mut st = LayerStats::default();
+    for i in 0..s.weight.len() {
+        let old = s.mask[i];
+        let kept = old && kc.take(s.weight[i].abs_key());
+        let grown = !kept && s.grow.is_some_and(|g| gc.take(g[i].abs_key()));
+        let new = kept | grown;
+        s.mask[i] = new;
+        if !(new && old) {
+            // Dropped, newly grown or still off: the weight and its state are (re)set to zero.
+            s.weight[i] = zero;
+            for state in s.states.iter_mut() {
+                state[i] = zero;
+            }
+        }
+        st.kept += new as u64;
+        st.grown += (new && !old) as u64;
+        st.dropped += (old && !new) as u64;
+    }
+    st
 }
 
 /// Number of true entries of each mask.
