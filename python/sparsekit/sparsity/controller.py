@@ -341,10 +341,10 @@ class DynamicSparsity:
 
     def _check_nm(self) -> None:
         n, m = self.structure[1]
-        if self.distribution != "uniform":
+        if self.distribution == "erk":  # global is fine: n/m in every layer meets the global count exactly
             raise ValueError(
-                f"structure N:M fixes every layer's density at n/m={n}/{m}; distribution must be 'uniform' "
-                f"(got {self.distribution!r})"
+                f"structure N:M fixes every layer's density at n/m={n}/{m}, which ERK's per-layer densities "
+                "contradict; distribution must be 'uniform' or 'global' (the same masks: every layer at n/m)"
             )
         if abs(self.target - n / m) > 1e-12:
             raise ValueError(f"density must equal n/m={n / m} for structure N:M {n}:{m}, got {self.target}")
