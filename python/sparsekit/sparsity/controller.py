@@ -576,11 +576,12 @@ class DynamicSparsity:
                 states.append(_np(v))
                 owners.append(i)
         glob = isinstance(counts, int)
+        keeps = [keep] if isinstance(keep, int) else keep
+        grows = [grow] if isinstance(grow, int) else grow
         try:
             out = _core.sparsity_update(
                 [_np(layer.param) for layer in self.layers], [_np(m) for m in masks], [_np(g) for g in grow_src],
-                states, owners, _TAGS[dtype], _TAGS[grow_src[0].dtype] if grow_src else _TAGS[dtype],
-                [keep] if glob else keep, [grow] if glob else grow, glob,  # type: ignore[list-item]
+                states, owners, _TAGS[dtype], _TAGS[grow_src[0].dtype] if grow_src else _TAGS[dtype], keeps, grows, glob,
             )
         except ValueError as exc:
             if "NaN" not in str(exc):
