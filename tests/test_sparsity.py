@@ -198,6 +198,21 @@ def test_nm_structure():
         assert bool((layer.param.detach()[~sp.masks[layer.name]] == 0).all())
 
 
+@pytest.mark.parametrize("method", ["magnitude", "gradient_topk"])
+def test_nm_global_equals_uniform(method):
+    """N:M fixes every layer at n/m, which meets the global count exactly: global gives uniform's masks."""
+    runs = []
+    for distribution in ("uniform", "global"):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sp = DynamicSparsity(model, opt, density=0.5, method=method, structure=(2, 4), distribution=distribution, update_every=2)
+        train(model, opt, sp, 4)
+        total = sum(layer.param.numel() for layer in sp.layers)
+        assert int(sum(m.sum() for m in sp.masks.values())) == math.floor(0.5 * total + 0.5)
+        runs.append(sp.masks)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 @pytest.mark.parametrize("distribution", ["uniform", "global", "erk"])
 def test_block_structure(distribution):
     model = mlp()

@@ -20,6 +20,9 @@ __all__ = [
     "get_num_threads",
     "build_profile",
     "bsr_kernel",
+    "sparsity_update",
+    "sparsity_count",
+    "sparsity_zero_off",
 ]
 
 __version__: str
@@ -169,4 +172,26 @@ def bsr_kernel(
 # (end of spmm)
 
 # ---- sparsity (rust/sparsekit-py/src/sparsity.rs) ----
+def sparsity_update(
+    weights: Sequence[npt.NDArray[np.generic]],
+    masks: Sequence[npt.NDArray[np.bool_]],
+    grows: Sequence[npt.NDArray[np.generic]],
+    states: Sequence[npt.NDArray[np.generic]],
+    state_layers: Sequence[int],
+    dtype: str,
+    grow_dtype: str,
+    keep: Sequence[int],
+    grow: Sequence[int],
+    global_: bool,
+) -> list[tuple[int, int, int]]:
+    """One fused mask update in place: keep the top ``keep`` |w| among the active, grow the top ``grow``
+    |grow score| among the rest, zero dropped / new weights and their states. Returns (kept, grown,
+    dropped) per layer."""
+
+def sparsity_count(masks: Sequence[npt.NDArray[np.bool_]]) -> list[int]:
+    """Number of true entries of each mask."""
+
+def sparsity_zero_off(xs: Sequence[npt.NDArray[np.generic]], masks: Sequence[npt.NDArray[np.bool_]], dtype: str) -> None:
+    """``x[i] = 0`` wherever ``mask[i]`` is false, in place."""
+
 # (end of sparsity)

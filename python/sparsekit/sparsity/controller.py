@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _core
 from ..select import global_topk_masks, nm_mask, topk_mask
 from .schedules import Constant, Schedule
 
@@ -23,6 +24,20 @@ ScoreFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 _METHODS = ("magnitude", "set", "rigl", "gradient_topk")
 _DISTRIBUTIONS = ("uniform", "global", "erk")
 _NEG = float("-inf")
+_TAGS = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A flat, writable numpy view of a contiguous CPU tensor (16-bit floats as their int16 bits)."""
+    flat = t.detach().view(-1)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.view(torch.int16)
+    return flat.numpy()
+
+
+def _cpu_flat(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether the Rust path can borrow ``t`` in place: contiguous, on the CPU, of ``dtype``."""
+    return t is not None and t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -326,10 +341,10 @@ class DynamicSparsity:
 
     def _check_nm(self) -> None:
         n, m = self.structure[1]
-        if self.distribution != "uniform":
+        if self.distribution == "erk":  # global is fine: n/m in every layer meets the global count exactly
             raise ValueError(
-                f"structure N:M fixes every layer's density at n/m={n}/{m}; distribution must be 'uniform' "
-                f"(got {self.distribution!r})"
+                f"structure N:M fixes every layer's density at n/m={n}/{m}, which ERK's per-layer densities "
+                "contradict; distribution must be 'uniform' or 'global' (the same masks: every layer at n/m)"
             )
         if abs(self.target - n / m) > 1e-12:
             raise ValueError(f"density must equal n/m={n / m} for structure N:M {n}:{m}, got {self.target}")
@@ -380,9 +395,18 @@ class DynamicSparsity:
 
     # -------------------------------------------------------------------------------------- apply
     def _refresh(self, reset_state: bool, old: dict[str, torch.Tensor] | None = None) -> None:
-        """Cache the inverted masks, zero masked weights, and zero the optimizer state outside the masks."""
-        self._off = {layer.name: ~self.masks[layer.name] for layer in self.layers}
-        self._keep = {layer.name: self.masks[layer.name].to(layer.param.dtype) for layer in self.layers}
+        """Zero masked weights and the optimizer state outside the masks. Off the CPU path, also cache the
+        inverted and float masks the torch fallbacks of apply() and the gradient hook use."""
+        self._cpu = all(
+            layer.param.dtype in _TAGS and _cpu_flat(layer.param, layer.param.dtype)
+            and _cpu_flat(self.masks[layer.name], torch.bool)
+            for layer in self.layers
+        )
+        if self._cpu:
+            self._off, self._keep = {}, {}
+        else:
+            self._off = {layer.name: ~self.masks[layer.name] for layer in self.layers}
+            self._keep = {layer.name: self.masks[layer.name].to(layer.param.dtype) for layer in self.layers}
         self.apply()
         if reset_state and self.optimizer is not None:
             for layer in self.layers:
@@ -398,13 +422,31 @@ class DynamicSparsity:
     def apply(self) -> None:
         """Re-zero the masked weights (call it after touching the weights yourself; runs after every
         ``optimizer.step`` with ``rezero_after_step=True``)."""
+        if self._cpu:  # one Rust pass per dtype, in place, no inverted mask
+            self._zero_off([(layer.param, self.masks[layer.name]) for layer in self.layers])
+            return
         for layer in self.layers:
             layer.param.data.masked_fill_(self._off[layer.name], 0)
+
+    @staticmethod
+    def _zero_off(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``x[~mask] = 0`` in place for contiguous CPU tensors (grouped by dtype for the Rust call)."""
+        for dtype in {x.dtype for x, _ in pairs}:
+            group = [(x, m) for x, m in pairs if x.dtype == dtype]
+            _core.sparsity_zero_off([_np(x) for x, _ in group], [_np(m) for _, m in group], _TAGS[dtype])
 
     @torch.no_grad()
     def _mask_grads(self) -> None:
         """Zero the gradients of masked weights before ``optimizer.step`` (a pre-step hook), so no
         optimizer state ever builds up there: a masked weight cannot be revived by a stale moment."""
+        if self._cpu:
+            grads = [(layer.param.grad, self.masks[layer.name]) for layer in self.layers if layer.param.grad is not None]
+            fast = [(g, m) for g, m in grads if _cpu_flat(g, g.dtype) and g.dtype in _TAGS]
+            self._zero_off(fast)
+            for g, m in grads:
+                if not (_cpu_flat(g, g.dtype) and g.dtype in _TAGS):
+                    g.mul_(m.to(g.dtype))
+            return
         pairs = [(layer.param.grad, self._keep[layer.name]) for layer in self.layers if layer.param.grad is not None]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [k if k.dtype == g.dtype else k.to(g.dtype) for g, k in pairs])
@@ -433,6 +475,7 @@ class DynamicSparsity:
         return True
 
     _pending = False
+    _cpu = False
 
     def _grad(self, layer: _Layer) -> torch.Tensor:
         g = layer.param.grad
@@ -445,6 +488,12 @@ class DynamicSparsity:
 
     @torch.no_grad()
     def _update(self, t: int) -> None:
+        if self._fused_ok():
+            self._update_fused(t)
+            self.updates += 1
+            if self.on_update is not None:
+                self.on_update(self.stats())
+            return
         old = dict(self.masks)  # masks are replaced by new tensors, never written in place
         if self.structure is not None and self.structure[0] == "nm":
             self._update_nm()
@@ -470,6 +519,79 @@ class DynamicSparsity:
         self._refresh(reset_state=True, old=old)
         if self.on_update is not None:
             self.on_update(self.stats())
+
+    # -------------------------------------------------------------------------- fused (CPU) update
+    def _states(self, layer: _Layer) -> list[torch.Tensor]:
+        if self.optimizer is None:
+            return []
+        state = self.optimizer.state.get(layer.param, {})
+        return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == layer.param.shape]
+
+    def _fused_ok(self) -> bool:
+        """The one-call Rust update serves unstructured built-in methods on contiguous CPU tensors of one
+        dtype (optimizer state and gradients alike), on one rank; anything else takes the torch path."""
+        if not self._cpu or self.structure is not None or self.method == "custom" or self._distributed():
+            return False
+        dtype = self.layers[0].param.dtype
+        for layer in self.layers:
+            if layer.param.dtype != dtype or not all(_cpu_flat(v, dtype) for v in self._states(layer)):
+                return False
+            if self.method in ("rigl", "gradient_topk") and layer.param.grad is not None and not _cpu_flat(layer.param.grad, dtype):
+                return False
+        return True
+
+    def _update_fused(self, t: int) -> None:
+        """One Rust call: keep the top |w| among the active, grow the top grow scores among the rest,
+        write the masks in place, zero dropped / newly grown weights and their optimizer state. Same
+        counts, scores and tie order as the torch path (tests/test_sparsity_fused.py compares them)."""
+        counts = self._counts(self.schedule.density(t, self.target))
+        masks = [self.masks[layer.name] for layer in self.layers]
+        active = [int(a) for a in _core.sparsity_count([_np(m) for m in masks])]
+        grow_src: list[torch.Tensor] = []
+        if self.method == "magnitude":
+            keep = min(counts, sum(active)) if isinstance(counts, int) else [min(k, a) for k, a in zip(counts, active)]
+            grow: list[int] | int = 0 if isinstance(keep, int) else [0] * len(keep)
+        elif self.method == "gradient_topk":  # the mask becomes the top-k |grad| of all connections
+            keep = 0 if isinstance(counts, int) else [0] * len(counts)
+            grow = counts
+            grow_src = [self._grad(layer) for layer in self.layers]
+        else:
+            frac = self.schedule.fraction(t)
+            if isinstance(counts, int):
+                kept_total = min(counts, sum(active))
+                keep = kept_total - int(math.floor(frac * kept_total + 0.5))
+                grow = counts - keep
+            else:
+                caps = [min(k, a) for k, a in zip(counts, active)]
+                keep = [c - int(math.floor(frac * c + 0.5)) for c in caps]
+                grow = [k - kk for k, kk in zip(counts, keep)]
+            if self.method == "rigl":
+                grow_src = [self._grad(layer) for layer in self.layers]
+            else:  # SET: the same draws from the controller's generator as the torch path
+                grow_src = [torch.rand(layer.units, generator=self.generator) for layer in self.layers]
+        dtype = self.layers[0].param.dtype
+        states, owners = [], []
+        for i, layer in enumerate(self.layers):
+            for v in self._states(layer):
+                states.append(_np(v))
+                owners.append(i)
+        glob = isinstance(counts, int)
+        keeps = [keep] if isinstance(keep, int) else keep
+        grows = [grow] if isinstance(grow, int) else grow
+        try:
+            out = _core.sparsity_update(
+                [_np(layer.param) for layer in self.layers], [_np(m) for m in masks], [_np(g) for g in grow_src],
+                states, owners, _TAGS[dtype], _TAGS[grow_src[0].dtype] if grow_src else _TAGS[dtype], keeps, grows, glob,
+            )
+        except ValueError as exc:
+            if "NaN" not in str(exc):
+                raise
+            bad = next((layer.name for layer in self.layers if bool(layer.param.isnan().any())), None)
+            what = f"weight {bad!r}" if bad else "a grow score (gradient)"
+            raise ValueError(f"{what} contains NaN at a mask update (step {t}); NaN cannot be ranked") from None
+        self.last_changed = {
+            layer.name: (dropped + grown) / max(1, layer.param.numel()) for layer, (_, grown, dropped) in zip(self.layers, out)
+        }
 
     def _update_nm(self) -> None:
         n, m = self.structure[1]
