@@ -252,30 +252,39 @@ def test_correct_kernel_reusing_memory_across_blocks_is_silent() -> None:
 @tsan
 def test_select_kernels_race_free() -> None:
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(40, 96, generator=gen)
-    x[::5] = 0.25  # ties at the threshold: the exact tie trim runs
-    parts = [x[:7], torch.empty(0), x[7:]]
+    x = torch.randn(128, 100, generator=gen)  # 4 chunks of 4096: several blocks, 16 tiles per chunk
+    x.view(-1)[::14] = 3.0  # ~900 ties at the top: the threshold is tied, mask_trim_equal trims in every chunk
     q = torch.tensor([0.1, 0.5, 0.9])
     ops = [
-        lambda: sparsekit.topk_mask(x, 700),
-        lambda: sparsekit.global_topk_masks(parts, density=0.3, by="value"),
-        lambda: sparsekit.nm_mask(x, 2, 4, dim=1),
-        lambda: sparsekit.block_topk_mask(x, (8, 16), k=4, return_block_mask=True),
-        lambda: sparsekit.kth_largest(x, 50, by="abs"),
-        lambda: sparsekit.quantile(x, q),
+        lambda t: sparsekit.topk_mask(t, 700),
+        lambda t: sparsekit.global_topk_masks([t[:7], torch.empty(0), t[7:]], density=0.05, by="value"),
+        lambda t: sparsekit.nm_mask(t, 2, 4, dim=1),
+        lambda t: sparsekit.block_topk_mask(t, (8, 20), k=4, return_block_mask=True),
+        lambda t: sparsekit.kth_largest(t, 50, by="abs"),
+        lambda t: sparsekit.quantile(t, q),
     ]
     for op in ops:
-        want = op()
+        want = op(x)
         with simulated_cuda(race_check=True):
-            got = op()
+            got = op(x)
         for a, b in zip(got if isinstance(got, (list, tuple)) else [got], want if isinstance(want, (list, tuple)) else [want]):
             assert torch.equal(a, b)
+    # NaN in many threads of several blocks: the NaN counters (shared, then global) are updated concurrently.
+    bad = x.clone()
+    bad.view(-1)[5::37] = float("nan")
+    for op in ops[:2]:
+        with pytest.raises(ValueError, match="NaN"):
+            op(bad)
+        with simulated_cuda(race_check=True), pytest.raises(ValueError, match="NaN"):
+            op(bad)
 
 
 @tsan
-def test_route_kernels_race_free() -> None:
-    from sparsekit import moe
+def test_route_kernels_race_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsekit import _cuda_route, moe
 
+    # Few blocks, so that each walks several rows (grid stride) and the barrier between rows matters.
+    monkeypatch.setattr(_cuda_route, "MAX_TOPK_GRID", 4)
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(96, 16, generator=gen)
     logits[::9] = 0.0  # ties between experts
