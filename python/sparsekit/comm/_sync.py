@@ -153,6 +153,9 @@ class GradientSync:
     # -- collectives -----------------------------------------------------------------------------
     def _flat(self, b: int) -> torch.Tensor:
         ps = [self.params[i] for i in self.plan.buckets[b]]
+        g = ps[0].grad
+        if len(ps) == 1 and g is not None and g.is_contiguous() and self.compression is None:
+            return g.view(-1)  # a lone parameter is reduced in place: no copy in, no copy out
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
 
     def shard(self, b: int) -> tuple[int, int]:
@@ -227,7 +230,9 @@ class GradientSync:
             p = self.params[i]
             n = p.numel()
             g = flat[off : off + n].view_as(p)
-            if p.grad is None:
+            if p.grad is not None and p.grad.data_ptr() == g.data_ptr() and p.grad.numel() == n:
+                pass  # reduced in place
+            elif p.grad is None:
                 p.grad = g.clone()
             else:
                 p.grad.copy_(g)
