@@ -1,5 +1,6 @@
 """Single-process tests of sparsekit.comm: planner vs torch's DDP bucket assignment, bad input."""
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -139,3 +140,77 @@ def test_topk_warmup_schedule():
         c.step()
     assert rs[0] == pytest.approx(0.25) and rs[4] == rs[5] == 0.01
     assert all(a > b for a, b in zip(rs[:4], rs[1:5]))
+
+
+def test_size_classes_native_mode():
+    mb = 2**20
+    specs = [(mb, "f"), (20 * mb, "f"), (2 * mb, "f"), (100 * mb, "f"), (300 * mb, "f"), (3 * mb, "f")]
+    p = plan_buckets(specs, bucket_cap_mb=25)
+    # reverse walk; >= 16 MB alone in its class, small ones fused (the first bucket's limit is 1 MB)
+    assert p.buckets == [[5], [4], [3], [1], [2, 0]]
+    assert p.classes == [0, 3, 2, 1, 0]
+    assert p.priorities == [4, 3, 2, 1, 0]  # the bucket holding parameter 0 first
+    assert p.launch_order(priority=True) == [4, 3, 2, 1, 0]
+    assert p.bucket_bytes() == [3 * mb, 300 * mb, 100 * mb, 20 * mb, 3 * mb]
+    # classes off: plain DDP algorithm in the same walk
+    q = plan_buckets(specs, bucket_cap_mb=25, size_classes_mb=None)
+    assert all(c == 0 for c in q.classes) and sorted(i for b in q.buckets for i in b) == list(range(6))
+    with pytest.raises(ValueError, match="size_classes_mb"):
+        plan_buckets(specs, size_classes_mb=(64, 16))
+    with pytest.raises(ValueError, match="chunk_mb"):
+        plan_buckets(specs, chunk_mb=0)
+
+
+def test_array_input_with_keys_equals_specs():
+    g = torch.Generator().manual_seed(5)
+    nb = torch.randint(1, 400_000, (500,), generator=g).numpy()
+    ks = torch.randint(0, 3, (500,), generator=g).numpy()
+    a = plan_buckets(nb, keys=ks, bucket_cap_mb=1)
+    b = plan_buckets([(int(x), str(k)) for x, k in zip(nb, ks)], bucket_cap_mb=1)
+    assert a.buckets == b.buckets
+    with pytest.raises(ValueError, match="keys"):
+        plan_buckets(nb, keys=ks[:-1])
+    with pytest.raises(ValueError, match="nbytes"):
+        plan_buckets(np.array([-1, 2]))
+    with pytest.raises(TypeError, match="keys"):
+        plan_buckets([torch.empty(2)], keys=[0])
+
+
+def test_chunk_bounds_and_sparse_and_fingerprint_device_index():
+    from sparsekit.comm import chunk_bounds
+
+    assert chunk_bounds(10, 40, 16) == [0, 3, 6, 10] and chunk_bounds(10, 40, 0) == [0, 10]
+    sp = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0]), (300,), check_invariants=True)
+    p = plan_buckets([torch.empty(5), sp, torch.empty(5)], ddp_compatible=True)
+    assert [1] in p.buckets and p.sizes[1] == 1200
+    # the fingerprint ignores the device index (rank r's parameters live on cuda:r)
+    a = plan_buckets([(40, "torch.float32@cuda:0")] * 3)
+    b = plan_buckets([(40, "torch.float32@cuda:1")] * 3)
+    assert a.fingerprint == b.fingerprint
+
+
+def test_shards_rust_equals_python_lpt():
+    g = torch.Generator().manual_seed(2)
+    sizes = torch.randint(0, 1000, (200,), generator=g).tolist()
+    owner, imb = assign_shards(sizes, 7)
+    load = [0] * 7
+    want = [0] * 200
+    for i in sorted(range(200), key=lambda i: (-sizes[i], i)):
+        r = min(range(7), key=lambda q: (load[q], q))
+        want[i] = r
+        load[r] += sizes[i]
+    assert owner == want and imb == pytest.approx(max(load) * 7 / sum(load))
+
+
+def test_bad_policies_and_hook_args():
+    from sparsekit.comm import TopKCompression, register_comm_hook
+
+    m = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="policies"):
+        GradientSync(m, policies={"tiny": "sync"})
+    with pytest.raises(ValueError, match="policies"):
+        GradientSync(m, policies={"small": "later"})
+    with pytest.raises(ValueError, match="N >= 1"):
+        GradientSync(m, policies={"small": ("local", 0)})
+    with pytest.raises(TypeError, match="ddp_model"):
+        register_comm_hook(m, TopKCompression())

@@ -82,6 +82,7 @@ def _worker(rank, world, path, q):
         except RuntimeError as e:
             out["mismatch"] = str(e)
         out.update(_extra(rank, world))
+        out.update(_features(rank, world))
         dist.destroy_process_group()
         q.put((rank, out))
     except Exception:
@@ -147,6 +148,83 @@ def _extra(rank, world):
     return out
 
 
+def _grads_ref(world, per, accum):
+    """Full-batch gradients of Net (mean over world*per samples, averaged over accum micro-batches)."""
+    torch.manual_seed(0)
+    m = Net()
+    for k in range(accum):
+        x, y = _data(50 + k, per * world)
+        (torch.nn.functional.mse_loss(m(x), y) / accum).backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
+
+
+def _grads(rank, world, per, accum, **kw):
+    from sparsekit.comm import plan_buckets
+
+    torch.manual_seed(0)
+    m = Net()
+    tiny = kw.pop("tiny_classes", False)
+    if tiny:  # a.weight (512 B) alone in "huge", b.weight (256 B) in "medium", biases fused "small"
+        kw["plan"] = plan_buckets(list(m.parameters()), bucket_cap_mb=25, size_classes_mb=(2e-4, 4e-4, 4.5e-4),
+                                  chunk_mb=kw.pop("chunk_mb", None))
+    sync = GradientSync(m, **kw)
+    for k in range(accum):
+        x, y = _data(50 + k, per * world)
+        xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        (torch.nn.functional.mse_loss(m(xs), ys) / accum).backward()
+        sync.finish()
+    sync.remove()
+    return [p.grad.clone() for p in m.parameters()], sync
+
+
+def _diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def _features(rank, world):
+    from sparsekit.comm import TopKCompression, register_comm_hook
+
+    out = {}
+    ref = _grads_ref(world, 3, 1)
+    got, s = _grads(rank, world, 3, 1, tiny_classes=True, policies={"small": "sync", "medium": "async"},
+                    chunk_mb=1e-4, priority=True)
+    out["classes"] = (s.plan.classes, _diff(ref, got))
+    # reduce-scatter: this rank's shard of each bucket is the average, the rest zero
+    got, s = _grads(rank, world, 3, 1, tiny_classes=True, policies={"huge": "reduce_scatter"})
+    b = s.plan.classes.index(3)
+    lo, hi = s.shard(b)
+    flat_ref, flat_got = ref[0].reshape(-1), got[0].reshape(-1)  # a.weight is the huge bucket
+    outside = torch.cat([flat_got[:lo], flat_got[hi:]])
+    out["reduce_scatter"] = ((flat_ref[lo:hi] - flat_got[lo:hi]).abs().max().item(), bool((outside == 0).all()),
+                             _diff(ref[1:], got[1:]))
+    # local accumulation over 2 micro-steps for the small class, async for the rest
+    ref2 = _grads_ref(world, 3, 2)
+    got, s = _grads(rank, world, 3, 2, tiny_classes=True, policies={"small": ("local", 2)})
+    out["local"] = _diff(ref2, got)
+    # ready-order rebuild happened after the first step and changed nothing numerically
+    got, s = _grads(rank, world, 3, 2)
+    out["rebuild"] = (s._rebuild, sorted(i for bk in s.plan.buckets for i in bk), _diff(ref2, got))
+    # DDP comm hook: ratio 1 equals plain DDP; ratio 0.3 is bit-identical on every rank
+    res = {}
+    for name, comp in [("plain", None), ("top1", TopKCompression(1.0, error_feedback=False)),
+                       ("top03", TopKCompression(0.3))]:
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(Net(), find_unused_parameters=True)
+        if comp is not None:
+            register_comm_hook(ddp, comp)
+        for step in range(2):  # the second step runs on DDP's rebuilt buckets
+            ddp.zero_grad()
+            x, y = _data(60 + step + 10 * rank, 5)
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+        res[name] = [p.grad.clone() for p in ddp.parameters() if p.grad is not None]
+    out["ddp_hook"] = _diff(res["plain"], res["top1"])
+    flat = torch.cat([g.reshape(-1) for g in res["top03"]])
+    fs = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(fs, flat)
+    out["ddp_hook_bitexact"] = all(torch.equal(fs[0], f) for f in fs) and _diff(res["plain"], res["top03"]) > 0
+    return out
+
+
 @pytest.fixture(scope="module", params=[2, 4])
 def results(request):
     world = request.param
@@ -195,3 +273,31 @@ def test_masked_allreduce(results):
 def test_matches_ddp(results):
     for out in results.values():
         assert out["vs_ddp"] < 1e-6
+
+
+def test_size_class_policies_chunks_priority(results):
+    for out in results.values():
+        classes, d = out["classes"]
+        assert sorted(classes) == [0, 1, 3] and d < 1e-6
+
+
+def test_reduce_scatter_shards(results):
+    for out in results.values():
+        d, zero_outside, rest = out["reduce_scatter"]
+        assert d < 1e-6 and zero_outside and rest < 1e-6
+
+
+def test_local_accumulation(results):
+    for out in results.values():
+        assert out["local"] < 1e-6
+
+
+def test_ready_order_rebuild(results):
+    for out in results.values():
+        rebuild_pending, idx, d = out["rebuild"]
+        assert not rebuild_pending and idx == list(range(6)) and d < 1e-6
+
+
+def test_ddp_comm_hook(results):
+    for out in results.values():
+        assert out["ddp_hook"] < 1e-6 and out["ddp_hook_bitexact"]

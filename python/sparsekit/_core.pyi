@@ -156,6 +156,36 @@ def aux_free_update(bias: npt.NDArray[np.generic], counts: npt.NDArray[np.generi
 # (end of balance)
 
 # ---- comm (rust/sparsekit-py/src/comm.rs) ----
+__all__ += ["comm_read_specs", "comm_plan", "comm_fingerprint", "comm_assign_shards", "comm_chunk_bounds"]
+
+def comm_read_specs(
+    items: list[object], tensor_type: type, parameter_type: type
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], list[str]]: ...
+def comm_plan(
+    nbytes: npt.NDArray[np.int64],
+    keys: npt.NDArray[np.int64],
+    sparse: npt.NDArray[np.int64],
+    order: npt.NDArray[np.int64] | None,
+    positional: bool,
+    limits: Sequence[int],
+    sort_by_min: bool,
+    classes: Sequence[int] | None,
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+]: ...
+def comm_fingerprint(
+    indices: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    limits: npt.NDArray[np.int64],
+    classes: npt.NDArray[np.int64],
+    nbytes: npt.NDArray[np.int64],
+    keys: npt.NDArray[np.int64],
+    key_names: Sequence[str],
+) -> int: ...
+def comm_assign_shards(
+    nbytes: npt.NDArray[np.int64], world_size: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def comm_chunk_bounds(numel: int, nbytes: int, chunk_bytes: int) -> list[int]: ...
 # (end of comm)
 
 # ---- spmm (rust/sparsekit-py/src/spmm.rs) ----

@@ -1,7 +1,7 @@
 """Gradient communication over torch.distributed: bucket plans, GradientSync, compression."""
 
-from ._plan import CommPlan, assign_shards, plan_buckets
-from ._compress import TopKCompression, masked_allreduce, pack_masked, unpack
+from ._plan import CommPlan, assign_shards, chunk_bounds, plan_buckets
+from ._compress import TopKCompression, masked_allreduce, pack_masked, register_comm_hook, unpack
 from ._sync import GradientSync
 
 __all__ = [
@@ -9,8 +9,10 @@ __all__ = [
     "GradientSync",
     "TopKCompression",
     "assign_shards",
+    "chunk_bounds",
     "masked_allreduce",
     "pack_masked",
     "plan_buckets",
+    "register_comm_hook",
     "unpack",
 ]

@@ -56,18 +56,21 @@ class TopKCompression:
         """Average ``flat`` (a local gradient bucket) over ranks, compressed; returns a new tensor."""
         world = dist.get_world_size(group) if dist.is_initialized() else 1
         acc = flat.float() if flat.dtype != torch.float32 else flat.clone()
-        if self.error_feedback and key in self.residuals:
-            acc += self.residuals[key]
+        res = self.residuals.get(key) if self.error_feedback else None
+        if res is not None and res.shape == acc.shape:  # (a DDP bucket rebuild changes shapes: start over)
+            acc += res
         n = acc.numel()
         k = max(1, min(n, int(round(self.current_ratio() * n))))
         mask = topk_mask(acc.detach(), k)
         idx = mask.nonzero().view(-1)
+        if n < 2**31:  # int32 indices: 8 bytes per kept entry instead of 12
+            idx = idx.to(torch.int32)
         vals = acc[idx]
         if self.error_feedback:
             res = acc.clone()
             res[idx] = 0
             self.residuals[key] = res
-        self.bytes_sent += k * (vals.element_size() + 8)
+        self.bytes_sent += k * (vals.element_size() + idx.element_size())
         self.bytes_dense += n * flat.element_size()
         out = torch.zeros_like(acc)
         if world == 1:
@@ -83,7 +86,10 @@ class TopKCompression:
         return out.to(flat.dtype)
 
     def ddp_comm_hook(self, state: Any, bucket: Any) -> torch.futures.Future:
-        """DDP comm hook form: ``ddp.register_comm_hook(None, comp.ddp_comm_hook)``."""
+        """DDP comm hook form: ``ddp.register_comm_hook(process_group, comp.ddp_comm_hook)`` (or
+        :func:`register_comm_hook`). ``state`` is the process group (None: the default one). The
+        exchange is synchronous inside the hook; DDP's bucket rebuild after the first step resets
+        the residuals of buckets whose size changed."""
         buf = bucket.buffer()
         out = self.allreduce(buf, ("ddp", bucket.index()), group=state)
         if bucket.is_last():
@@ -91,6 +97,23 @@ class TopKCompression:
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(out)
         return fut
+
+
+# DDP checks the hook's annotations as objects; this module's are strings (postponed evaluation).
+TopKCompression.ddp_comm_hook.__annotations__ = {
+    "state": object,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+def register_comm_hook(ddp_model: Any, compression: TopKCompression, *, process_group: Any = None) -> None:
+    """Give a ``DistributedDataParallel`` model top-k compression without leaving DDP."""
+    if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
+    if not isinstance(compression, TopKCompression):
+        raise TypeError(f"compression must be a TopKCompression, got {type(compression).__name__}")
+    ddp_model.register_comm_hook(process_group, compression.ddp_comm_hook)
 
 
 def pack_masked(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,92 +1,157 @@
-"""Bucket planning: DDP-compatible bucket assignment, shard assignment, plan fingerprint."""
+"""Bucket planning (Rust core): DDP-compatible and native bucket assignment, size classes,
+ByteScheduler-style priorities, shard assignment, plan fingerprint."""
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .. import _core
+
 MiB = 1024 * 1024
+SIZE_CLASSES_MB = (16, 64, 256)
+# class 0: < 16 MB (fused), 1: 16-64 MB, 2: 64-256 MB, 3: > 256 MB (each alone)
+CLASS_NAMES = ("small", "medium", "large", "huge")
 
 
-@dataclass(frozen=True)
 class CommPlan:
-    """A communication plan: buckets of parameter indices (in launch order) and their size limits."""
+    """A communication plan: buckets of parameter indices in launch order.
 
-    buckets: list[list[int]]
-    bucket_limits: list[int]
-    sizes: list[int] = field(repr=False)
-    keys: list[str] = field(repr=False)
+    ``buckets[b]`` lists parameter indices; ``bucket_limits[b]`` the byte limit it was filled against
+    (0 for a lone parameter); ``classes[b]`` its size class (0 = fused small parameters, 1..3 = a
+    lone parameter of 16-64, 64-256, > 256 MB); ``priorities[b]`` its ByteScheduler rank (0 = holds the
+    parameter the next forward needs first); ``chunk_bytes``: lone parameters are reduced in chunks of
+    about this many bytes (0 = whole). ``sizes``/``keys``: bytes and dtype@device per parameter.
+    """
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        offsets: np.ndarray,
+        limits: np.ndarray,
+        classes: np.ndarray,
+        priorities: np.ndarray,
+        nbytes: np.ndarray,
+        key_ids: np.ndarray,
+        key_names: list[str],
+        chunk_bytes: int = 0,
+    ) -> None:
+        self._indices, self._offsets = indices, offsets
+        self._limits, self._classes, self._prio = limits, classes, priorities
+        self._nbytes, self._key_ids, self._key_names = nbytes, key_ids, key_names
+        self.chunk_bytes = int(chunk_bytes)
+        self._buckets: list[list[int]] | None = None
+
+    @property
+    def buckets(self) -> list[list[int]]:
+        """Parameter indices per bucket, in launch order (built once, on first use)."""
+        if self._buckets is None:
+            flat = self._indices.tolist()
+            offs = self._offsets.tolist()
+            self._buckets = [flat[a:b] for a, b in zip(offs, offs[1:])]
+        return self._buckets
+
+    @property
+    def bucket_limits(self) -> list[int]:
+        return self._limits.tolist()  # type: ignore[no-any-return]
+
+    @property
+    def classes(self) -> list[int]:
+        return self._classes.tolist()  # type: ignore[no-any-return]
+
+    @property
+    def priorities(self) -> list[int]:
+        return self._prio.tolist()  # type: ignore[no-any-return]
+
+    @property
+    def sizes(self) -> list[int]:
+        return self._nbytes.tolist()  # type: ignore[no-any-return]
+
+    @property
+    def keys(self) -> list[str]:
+        return [self._key_names[k] for k in self._key_ids.tolist()]
+
+    def __len__(self) -> int:
+        return len(self._limits)
+
+    def __repr__(self) -> str:
+        return f"CommPlan({len(self)} buckets, {len(self._nbytes)} params, fingerprint={self.fingerprint})"
 
     @property
     def fingerprint(self) -> str:
-        """A hash of the plan (buckets, sizes, dtypes/devices) that every rank must agree on."""
-        h = hashlib.sha256()
-        for b in self.buckets:
-            h.update(repr([(i, self.sizes[i], self.keys[i]) for i in b]).encode())
-            h.update(b"|")
-        return h.hexdigest()[:16]
+        """A hash of the plan (buckets, sizes, classes, dtype and device *type*) every rank must agree on."""
+        names = [k.split(":")[0] for k in self._key_names]  # cuda:0 on rank 0 is cuda:1 on rank 1
+        fp = _core.comm_fingerprint(
+            self._indices, self._offsets, self._limits, self._classes, self._nbytes, self._key_ids, names
+        )
+        return f"{fp:016x}"
 
     def bucket_bytes(self) -> list[int]:
         """Bytes per bucket."""
-        return [sum(self.sizes[i] for i in b) for b in self.buckets]
+        return np.add.reduceat(self._nbytes[self._indices], self._offsets[:-1]).tolist() if len(self) else []
+
+    def launch_order(self, priority: bool = False) -> list[int]:
+        """Bucket order: plan (ready) order, or by priority (input layers first) if ``priority``."""
+        order = list(range(len(self)))
+        return sorted(order, key=lambda b: self.priorities[b]) if priority else order
 
 
-def _specs(params: Any) -> tuple[Any, list[Any], list[bool]]:
-    if isinstance(params, np.ndarray):  # precomputed byte sizes, one dtype/device
+def _specs(params: Any, keys: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    if isinstance(params, np.ndarray):  # precomputed byte sizes (+ optional key ids)
         if params.ndim != 1 or params.dtype.kind not in "iu":
             raise TypeError("params_or_specs as an array must be a 1-D integer array of byte sizes")
-        if (params < 0).any():
-            raise ValueError("params_or_specs: nbytes must be >= 0")
-        n = len(params)
-        return params.astype(np.int64), ["0"] * n, [False] * n
-    if params and all(isinstance(p, torch.Tensor) for p in params):
-        dd = [(p.dtype, p.device) for p in params]
-        return [p.nbytes for p in params], [f"{d}@{v}" for d, v in dd], [p.is_sparse for p in params]
-    sizes: list[int] = []
-    keys: list[str] = []
-    sparse: list[bool] = []
-    for i, p in enumerate(params):
-        if isinstance(p, torch.Tensor):
-            sizes.append(p.numel() * p.element_size())
-            keys.append(f"{p.dtype}@{p.device}")
-            sparse.append(p.is_sparse)
+        nb = np.ascontiguousarray(params, dtype=np.int64)
+        if keys is None:
+            kid = np.zeros(len(nb), np.int64)
         else:
-            try:
-                nbytes, key = p
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"params_or_specs[{i}] must be a tensor or a (nbytes, dtype_key) pair, got {type(p).__name__}"
-                ) from None
-            if int(nbytes) < 0:
-                raise ValueError(f"params_or_specs[{i}]: nbytes must be >= 0, got {nbytes}")
-            sizes.append(int(nbytes))
-            keys.append(str(key))
-            sparse.append(False)
-    return sizes, keys, sparse
+            kid = np.ascontiguousarray(keys, dtype=np.int64)
+            if kid.shape != nb.shape or (len(kid) and kid.min() < 0):
+                raise ValueError("keys must be a 1-D array of non-negative key ids, one per size")
+        n_keys = int(kid.max()) + 1 if len(kid) else 0
+        return nb, kid, np.zeros(len(nb), np.int64), [str(k) for k in range(n_keys)]
+    if keys is not None:
+        raise TypeError("keys is only accepted with params_or_specs given as an array of byte sizes")
+    if not isinstance(params, list):
+        try:
+            params = list(params)
+        except TypeError:
+            raise TypeError(
+                f"params_or_specs must be a sequence of tensors or (nbytes, dtype_key) pairs, got {type(params).__name__}"
+            ) from None
+    nb, kid, sp, names = _core.comm_read_specs(params, torch.Tensor, torch.nn.Parameter)
+    return nb, kid, sp, names
 
 
 def plan_buckets(
-    params_or_specs: Sequence[Any],
+    params_or_specs: Any,
     *,
     bucket_cap_mb: float = 25,
     first_bucket_mb: float = 1,
     order: str = "reverse",
     ready_order: Sequence[int] | None = None,
     ddp_compatible: bool = False,
+    size_classes_mb: Sequence[float] | None = SIZE_CLASSES_MB,
+    chunk_mb: float | None = None,
+    keys: Any = None,
 ) -> CommPlan:
-    """Plan gradient buckets.
+    """Plan gradient buckets (in Rust; identical on every rank).
 
-    ``params_or_specs``: tensors, or ``(nbytes, dtype_key)`` pairs. Buckets never mix dtype/device
-    keys. With ``ddp_compatible=True`` the result equals
-    ``torch.distributed._compute_bucket_assignment_by_size(tensors, [first, cap], tensor_indices=ready_order)[0]``.
-    (Like torch, with ``ready_order`` the i-th tensor's size/dtype is read at position i and
-    labelled ``ready_order[i]``; without ``ddp_compatible``, ``ready_order[i]`` names the
-    parameter whose size is used.) ``order="reverse"`` (default) walks parameters in reverse registration order (gradient-ready
-    order of backward); ``ready_order`` (an observed order) overrides it.
+    ``params_or_specs``: tensors, ``(nbytes, dtype_key)`` pairs, or a 1-D integer array of byte
+    sizes (with ``keys``, an array of small integer dtype/device ids; default one key). Buckets
+    never mix dtype/device keys; sparse tensors get a bucket each.
+
+    ``ddp_compatible=True``: the result equals
+    ``torch.distributed._compute_bucket_assignment_by_size(tensors, [first, cap], tensor_indices=ready_order)[0]``
+    (like torch, with ``ready_order`` the i-th tensor's size/dtype is read at position i and labelled
+    ``ready_order[i]``; torch emits leftover per-dtype buckets in hash-map order, we use first-seen order).
+
+    Native mode (default): parameters of at least ``size_classes_mb[0]`` MB get a bucket of their own
+    tagged with their size class (``plan.classes``), split into ``chunk_mb`` chunks when reduced;
+    smaller ones are fused as DDP does. ``order="reverse"`` (default) walks parameters in reverse
+    registration order (backward's ready order), ``"forward"`` in registration order; ``ready_order``
+    (an observed order, ``ready_order[i]`` = the i-th parameter whose gradient became ready) overrides it.
     """
     if not (bucket_cap_mb > 0):
         raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
@@ -94,70 +159,51 @@ def plan_buckets(
         raise ValueError(f"first_bucket_mb must be > 0, got {first_bucket_mb}")
     if order not in ("reverse", "ready", "forward"):
         raise ValueError(f"order must be 'reverse', 'ready' or 'forward', got {order!r}")
-    sizes, keys, sparse = _specs(params_or_specs)
-    n = len(sizes)
-    limits = [int(first_bucket_mb * MiB), int(bucket_cap_mb * MiB)]
+    if chunk_mb is not None and not (chunk_mb > 0):
+        raise ValueError(f"chunk_mb must be > 0 or None, got {chunk_mb}")
+    classes = None
+    if size_classes_mb is not None and not ddp_compatible:
+        classes = [int(c * MiB) for c in size_classes_mb]
+        if not classes or any(c <= 0 for c in classes) or any(a >= b for a, b in zip(classes, classes[1:])):
+            raise ValueError(f"size_classes_mb must be positive and strictly increasing, got {size_classes_mb}")
+    nb, kid, sp, names = _specs(params_or_specs, keys)
+    n = len(nb)
+    limits = [max(1, int(first_bucket_mb * MiB)), max(1, int(bucket_cap_mb * MiB))]
     if ready_order is not None:
-        idx = [int(i) for i in ready_order]
-        if sorted(idx) != list(range(n)):
-            raise ValueError("ready_order must be a permutation of range(len(params_or_specs))")
-    elif ddp_compatible or order == "forward":
-        idx = list(range(n))
-    elif order == "reverse":
-        idx = list(range(n - 1, -1, -1))
-    else:
+        idx = np.asarray(ready_order)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise ValueError("ready_order must be a 1-D sequence of ints (a permutation of range(n))")
+        idx = np.ascontiguousarray(idx, dtype=np.int64)
+        if len(idx) != n:
+            raise ValueError(f"ready_order must be a permutation of range({n}), got {len(idx)} entries")
+        sort_by_min = False
+    elif order == "ready":
         raise ValueError("order='ready' needs ready_order")
-    # torch's function reads the i-th tensor's size/dtype at POSITION i and labels it
-    # tensor_indices[i] (DDP passes its tensors already permuted); ddp_compatible mirrors that.
+    elif ddp_compatible or order == "forward":
+        idx, sort_by_min = None, True
+    else:
+        idx, sort_by_min = np.arange(n - 1, -1, -1, dtype=np.int64), False
     positional = ddp_compatible and ready_order is not None
-    lab = np.asarray(idx, dtype=np.int64)
-    src = np.arange(n, dtype=np.int64) if positional else lab
-    sz = np.asarray(sizes, dtype=np.int64)[src] if n else np.zeros(0, np.int64)
-    sp = np.asarray(sparse, dtype=bool)[src] if n else np.zeros(0, bool)
-    kid_of: dict[str, int] = {}
-    kid_all = np.fromiter((kid_of.setdefault(k, len(kid_of)) for k in keys), np.int64, n)
-    kid = kid_all[src]
-    # (first position, indices, limit) per bucket; buckets are closed in walk order
-    result: list[tuple[int, list[int], int]] = []
-    for j in np.flatnonzero(sp):
-        result.append((int(j), [int(lab[j])], 0))
-    leftovers = []
-    for k in range(len(kid_of)):
-        pos = np.flatnonzero((kid == k) & ~sp)
-        cs = np.cumsum(sz[pos])
-        start, base, li = 0, 0, 0
-        while start < len(pos):
-            e = int(np.searchsorted(cs, base + limits[li], side="left"))
-            if e >= len(pos):
-                leftovers.append((int(pos[start]), lab[pos[start:]].tolist(), limits[li]))
-                break
-            result.append((int(pos[e]), lab[pos[start : e + 1]].tolist(), limits[li]))
-            base = int(cs[e])
-            start = e + 1
-            li = min(li + 1, len(limits) - 1)
-    result.sort(key=lambda r: r[0])  # closing order of the walk, as torch emits
-    leftovers.sort(key=lambda r: r[0])  # (torch: hash-map order; we use first-seen order)
-    final: list[tuple[list[int], int]] = [(r[1], r[2]) for r in result + leftovers]
-    if ready_order is None and (ddp_compatible or order == "forward"):
-        final.sort(key=lambda r: min(r[0]))
-    return CommPlan([r[0] for r in final], [r[1] for r in final], np.asarray(sizes, dtype=np.int64).tolist(), keys)
+    out = _core.comm_plan(nb, kid, sp, idx, positional, limits, sort_by_min, classes)
+    chunk = int(chunk_mb * MiB) if chunk_mb is not None else 0
+    return CommPlan(*out, nb, kid, names, chunk_bytes=chunk)
 
 
 def assign_shards(nbytes: Sequence[int], world_size: int) -> tuple[list[int], float]:
-    """ZeRO-style shard assignment: each item to a rank, greedy largest-first balancing bytes.
+    """ZeRO-style shard assignment: each item to a rank, greedy largest-first (LPT) balancing bytes.
 
     Returns ``(owner_rank_per_item, max/mean imbalance)``. Deterministic (ties by index / rank).
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    a = np.asarray(nbytes, dtype=np.int64)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    a = np.ascontiguousarray(np.asarray(nbytes, dtype=np.int64).reshape(-1))
     if (a < 0).any():
         raise ValueError("nbytes must be >= 0")
-    owner = [0] * len(a)
-    load = [0] * world_size
-    for i in np.argsort(-a, kind="stable"):
-        r = min(range(world_size), key=lambda q: (load[q], q))
-        owner[int(i)] = r
-        load[r] += int(a[i])
-    mean = sum(load) / world_size
-    return owner, (max(load) / mean if mean > 0 else 1.0)
+    owner, load = _core.comm_assign_shards(a, world_size)
+    total = int(load.sum())
+    return owner.tolist(), (float(load.max()) * world_size / total if total > 0 else 1.0)
+
+
+def chunk_bounds(numel: int, nbytes: int, chunk_bytes: int) -> list[int]:
+    """Element offsets of the ~``chunk_bytes`` chunks a lone parameter is reduced in."""
+    return list(_core.comm_chunk_bounds(numel, nbytes, chunk_bytes))
