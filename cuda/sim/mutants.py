@@ -27,8 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "python"))
-from sparsekit._cudasim import race_check_env  # noqa: E402  (the checkout's, like the tests)
 
 CUDA = ROOT / "cuda"
 TESTS = ROOT / "tests"
@@ -106,6 +104,9 @@ def run_one(cu: Path, line: int, kind: str, text: str, race: bool) -> tuple[str,
         (dst / cu.name).write_text(text)
         env = dict(os.environ, SPARSEKIT_CUDA_DIR=str(dst), PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(TESTS)]))
         if race:
+            # Imported here, not at module level: the tests load this file (see main()).
+            from sparsekit._cudasim import race_check_env
+
             race_test = f"{TESTS / 'test_cuda_race.py'}::test_{cu.stem}_kernels_race_free"
             failed, tail = _pytest([race_test], race_check_env(env))
             if failed:
@@ -115,6 +116,9 @@ def run_one(cu: Path, line: int, kind: str, text: str, race: bool) -> tuple[str,
 
 
 def main() -> int:
+    # The checkout's sparsekit, like the tests. Only when run as a script: the tests import this file,
+    # and a sys.path entry left there would make their spawned workers import python/ (no _core in CI).
+    sys.path.insert(0, str(ROOT / "python"))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--only", action="append", default=[], help="kernel file name(s), e.g. select.cu")

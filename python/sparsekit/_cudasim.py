@@ -266,8 +266,9 @@ def _build(cpp: str, key: str, cxx: str, extra: list[str]) -> ctypes.CDLL:
 # Race check: ThreadSanitizer over the fibers (cudasim.h, CUDASIM_RACE_CHECK). TSan's runtime must be
 # in the process from its start (it cannot be dlopen'ed), hence LD_PRELOAD and race_check_env().
 # ------------------------------------------------------------------------------------------------
-# Reports go to a file ($TMPDIR/sparsekit-tsan-<pid>.log) read after each launch.
-TSAN_OPTIONS = "report_signal_unsafe=0 halt_on_error=0 history_size=4 ignore_noninstrumented_modules=1"
+# Reports go to a file ($TMPDIR/sparsekit-tsan-<pid>.log) read after each launch, which raises RaceError;
+# exitcode=0 because a race the program caught as RaceError must not turn its exit status into TSan's 66.
+TSAN_OPTIONS = "report_signal_unsafe=0 halt_on_error=0 exitcode=0 history_size=4 ignore_noninstrumented_modules=1"
 _RACE_FLAGS = ["-DCUDASIM_RACE_CHECK", "-fsanitize=thread", "-g", "-O1"]
 
 
