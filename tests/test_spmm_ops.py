@@ -203,6 +203,8 @@ def test_bad_input_errors():
         ops.sdd(torch.randn(3, 48), torch.randn(3, 48, dtype=torch.float64), w)
     with pytest.raises(TypeError, match="layout"):
         ops.sdd(torch.randn(3, 48), torch.randn(3, 48), None)
+    with pytest.raises(ValueError, match="layout: device cpu does not match a's meta"):
+        ops.sdd(torch.randn(3, 48, device="meta"), torch.randn(3, 48, device="meta"), w)
 
 
 def test_bad_layouts_are_refused():

@@ -32,7 +32,7 @@ def block_rows(row_offsets: torch.Tensor, nnz: int) -> torch.Tensor:
 class BlockSparseMatrix:
     """An ``[N, K]`` matrix stored as ``nnz`` dense ``(bh, bw)`` blocks in block-row order.
 
-    Layout tensors (int64): ``row_offsets`` [N/bh+1], ``col_indices`` [nnz] (sorted within a block-row),
+    Layout tensors (int64): ``row_offsets`` [N/bh+1], ``col_indices`` [nnz] (strictly increasing within a block-row),
     ``t_offsets`` [K/bw+1], ``t_perm`` [nnz] (j-th block in column order -> row-ordered index),
     ``t_row_indices`` [nnz]; ``values`` is ``[nnz, bh, bw]``.
     """

@@ -292,8 +292,10 @@ def sdd(a: Tensor, b: Tensor, layout: BlockSparseMatrix) -> Tensor:
     in its block order (``layout.values`` are not read): the sampled dense x dense product, e.g. the
     weight gradient of :func:`bsr_linear`. Differentiable in ``a`` and ``b``."""
     lay, dims = _parts(layout, "layout")
-    _check(a, "a", a, "a")
+    _check(a, "a", a, "a")  # a tensor of a floating dtype
     _check(b, "b", a, "a")
+    if lay[0].device != a.device:
+        raise ValueError(f"layout: device {lay[0].device} does not match a's {a.device}")
     if a.dim() != 2 or tuple(a.shape[1:]) != (dims[0],):
         raise ValueError(f"a: expected shape [M, {dims[0]}], got {tuple(a.shape)}")
     if b.dim() != 2 or tuple(b.shape) != (a.shape[0], dims[1]):

@@ -95,7 +95,10 @@ class CommPlan:
     def launch_order(self, priority: bool = False) -> list[int]:
         """Bucket order: plan (ready) order, or by priority (input layers first) if ``priority``."""
         order = list(range(len(self)))
-        return sorted(order, key=lambda b: self.priorities[b]) if priority else order
+        if not priority:
+            return order
+        prio = self.priorities
+        return sorted(order, key=lambda b: prio[b])
 
 
 def _specs(params: Any, keys: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:

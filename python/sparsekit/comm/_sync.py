@@ -103,7 +103,7 @@ class GradientSync:
                     "every rank must build the same model"
                 )
         self._enabled = True
-        self.steps = 0  # finish() calls that communicated
+        self.steps = 0  # enabled finish() calls with world size > 1 (local-only buckets included)
         self._reset()
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)
@@ -128,7 +128,6 @@ class GradientSync:
         if self.priority:
             prio = self.plan.priorities
             self._deferred.sort(key=lambda b: prio[b])
-        self._active = set(active)
         self._pending = [len(b) for b in self.plan.buckets]
         self._next = 0
         self._works: list[tuple[int, list[Any], torch.Tensor]] = []

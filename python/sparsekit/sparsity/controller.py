@@ -494,7 +494,7 @@ class DynamicSparsity:
             if self.on_update is not None:
                 self.on_update(self.stats())
             return
-        old = dict(self.masks)  # masks are replaced by new tensors, never written in place
+        old = dict(self.masks)  # this path replaces the mask tensors (the fused one writes them in place)
         if self.structure is not None and self.structure[0] == "nm":
             self._update_nm()
         else:

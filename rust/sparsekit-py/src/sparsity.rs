@@ -41,7 +41,7 @@ fn run<T: Score + Pod, E: Element + Pod, G: Score + Pod, GE: Element + Pod>(
     let mut w_guards: Vec<PyReadwriteArray1<E>> = readwrite(weights, "weights")?;
     let mut m_guards: Vec<PyReadwriteArray1<bool>> = readwrite(masks, "masks")?;
     let mut s_guards: Vec<PyReadwriteArray1<E>> = readwrite(states, "states")?;
-    let g_guards: Vec<PyReadonlyArray1<GE>> = readonly(grows, "grows", "grow score")?;
+    let g_guards: Vec<PyReadonlyArray1<GE>> = readonly(grows, "grows", "the grow-score dtype's")?;
     let ws: Vec<&mut [T]> = cast_mut(slices_mut(&mut w_guards, "weights")?);
     let ms = slices_mut(&mut m_guards, "masks")?;
     let ss: Vec<&mut [T]> = cast_mut(slices_mut(&mut s_guards, "states")?);

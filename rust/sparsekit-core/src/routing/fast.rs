@@ -1,8 +1,9 @@
 //! The float32 gate kernel: one row at a time, everything in L1, written as fixed-width lane loops so
-//! LLVM vectorises them, and compiled twice (baseline x86-64, and AVX2 with an intrinsic top-k) behind
-//! a runtime check. Both builds compute the scores with the same IEEE operations in the same order
-//! (Rust never contracts `a*b+c` into an FMA) and pick the same top-k, so the answer does not depend
-//! on the CPU (tested: the AVX2 path against the portable one).
+//! LLVM vectorises them, and compiled three times (baseline x86-64; AVX2 with an intrinsic top-k;
+//! AVX-512 with 16-lane score loops) behind a runtime check (`SPARSEKIT_SIMD=0|1` caps it).
+//! All builds compute the scores with the same IEEE operations in the same order (Rust never contracts
+//! `a*b+c` into an FMA) and pick the same top-k, so the answer does not depend on the CPU (tested: each
+//! wider path against the portable one).
 //!
 //! Per row: scores (softmax: max, exp, 16-lane sum, divide; sigmoid through `exp(-|x|)` so only the
 //! branch-free `exp` of a non-positive argument is needed), the bias for the choice, then top-k. The
@@ -128,23 +129,6 @@ fn topk_scan(c: &[f32], best: &mut [(f32, usize)]) {
     }
 }
 
-/// The k-th largest of the 16 lane maxima (k <= 16), branch-free: the least `lm[i]` with fewer than
-/// `k` lane maxima strictly above it.
-#[inline(always)]
-#[cfg(test)]
-fn kth_lane_max(lm: &[f32; LANES], k: usize) -> f32 {
-    let mut bound = f32::INFINITY;
-    for i in 0..LANES {
-        let mut above = 0u32;
-        for &v in lm {
-            above += (v > lm[i]) as u32;
-        }
-        let b = if (above as usize) < k { lm[i] } else { f32::INFINITY };
-        bound = if b < bound { b } else { bound };
-    }
-    bound
-}
-
 /// 16 lane maxima of `c` (its first `len - len % 16` elements).
 #[inline(always)]
 fn lane_max(c: &[f32]) -> [f32; LANES] {
@@ -203,8 +187,7 @@ mod avx2 {
     /// `c[j]`, ties to the lower index; `(index, key)` into `out[..k]`. The candidates are packed
     /// without branches (compare, mask, permute by table) into `cv` / `ci` (length >= c.len() + 8);
     /// up to 32 of them are ranked all-against-all (rank = keys above + equal keys at lower indices),
-    /// more fall back to an insertion list. False when fewer than k candidates (not possible for a
-    /// valid bound).
+    /// more fall back to an insertion list.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub unsafe fn topk8(c: &[f32], bound: f32, div: Option<f32>, cv: &mut [f32], ci: &mut [i32], out: &mut [(usize, f32)]) {
@@ -448,8 +431,13 @@ unsafe fn rows_avx512(
 }
 
 /// The widest build of [`rows`] this CPU runs: 0 portable, 1 AVX2, 2 AVX-512 (`SPARSEKIT_SIMD=0|1`
-/// caps it, to test the others).
+/// caps it, to test and compare the others). Detected once per process.
 pub(super) fn simd_level() -> u8 {
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(detect_simd_level)
+}
+
+fn detect_simd_level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
         let cap = std::env::var("SPARSEKIT_SIMD").ok().and_then(|v| v.trim().parse::<u8>().ok()).unwrap_or(2);
@@ -492,32 +480,4 @@ pub(super) fn rows(
     }
     let _ = level;
     rows_impl::<false>(x, bias, g, buf, ids, sel, w, hist)
-}
-
-#[cfg(test)]
-pub(super) fn micro(x: &[f32], e: usize) {
-    let t = std::time::Instant::now();
-    let mut acc = 0.0f32;
-    for r in x.chunks_exact(e) {
-        acc += kth_lane_max(&lane_max(r), 8);
-    }
-    eprintln!("lane bound {:?} {acc}", t.elapsed());
-    let t = std::time::Instant::now();
-    let mut acc = 0.0f32;
-    for r in x.chunks_exact(e) {
-        acc += lane_max(r)[3];
-    }
-    eprintln!("lane max only {:?} {acc}", t.elapsed());
-    #[cfg(target_arch = "x86_64")]
-    {
-        let t = std::time::Instant::now();
-        let mut out = [(0usize, 0.0f32); 8];
-        let mut acc = 0usize;
-        let (mut cv, mut ci) = (vec![0.0; e + 8], vec![0; e + 8]);
-        for r in x.chunks_exact(e) {
-            unsafe { avx2::topk8(r, 2.5, None, &mut cv, &mut ci, &mut out) };
-            acc += out[7].0;
-        }
-        eprintln!("topk8 at fixed bound {:?} {acc}", t.elapsed());
-    }
 }
