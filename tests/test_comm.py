@@ -157,6 +157,8 @@ def test_size_classes_native_mode():
     assert all(c == 0 for c in q.classes) and sorted(i for b in q.buckets for i in b) == list(range(6))
     with pytest.raises(ValueError, match="size_classes_mb"):
         plan_buckets(specs, size_classes_mb=(64, 16))
+    with pytest.raises(ValueError, match="at most 3 bounds"):
+        plan_buckets(specs, size_classes_mb=(1, 2, 4, 8))
     with pytest.raises(ValueError, match="chunk_mb"):
         plan_buckets(specs, chunk_mb=0)
 

@@ -169,6 +169,8 @@ def plan_buckets(
         classes = [int(c * MiB) for c in size_classes_mb]
         if not classes or any(c <= 0 for c in classes) or any(a >= b for a, b in zip(classes, classes[1:])):
             raise ValueError(f"size_classes_mb must be positive and strictly increasing, got {size_classes_mb}")
+        if len(classes) > len(CLASS_NAMES) - 1:
+            raise ValueError(f"size_classes_mb: at most {len(CLASS_NAMES) - 1} bounds (classes {CLASS_NAMES}), got {size_classes_mb}")
     nb, kid, sp, names = _specs(params_or_specs, keys)
     n = len(nb)
     limits = [max(1, int(first_bucket_mb * MiB)), max(1, int(bucket_cap_mb * MiB))]

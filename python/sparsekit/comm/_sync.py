@@ -238,7 +238,7 @@ class GradientSync:
             off += n
 
     def _describe(self, b: int) -> str:
-        return f"{CLASS_NAMES[min(self._class[b], 3)]}, params {self.plan.buckets[b][:4]}{'...' if len(self.plan.buckets[b]) > 4 else ''}"
+        return f"{CLASS_NAMES[min(self._class[b], len(CLASS_NAMES) - 1)]}, params {self.plan.buckets[b][:4]}{'...' if len(self.plan.buckets[b]) > 4 else ''}"
 
     def _rebuild_from_ready_order(self) -> None:
         """Re-plan in the first step's observed ready order (rank 0's, broadcast: ranks may differ)."""

@@ -241,11 +241,27 @@ pub unsafe fn micro(isa: Isa, nr: usize, rows: usize, t: &Tile<'_>) {
             macro_rules! f { ($($r:literal)+) => { match rows { $($r => micro_avx2::<$r>(t),)+ _ => unreachable!() } } }
             f!(1 2 3 4 5 6)
         }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            macro_rules! f { ($($r:literal)+) => { match rows { $($r => micro_scalar_fma::<$r>(t),)+ _ => unreachable!() } } }
+            f!(1 2 3 4 5 6 7 8)
+        }
         _ => {
             macro_rules! f { ($($r:literal)+) => { match rows { $($r => micro_scalar::<$r>(t),)+ _ => unreachable!() } } }
             f!(1 2 3 4 5 6 7 8)
         }
     }
+}
+
+/// [`micro_scalar`] inlined into an avx2+fma function, so its `mul_add` is one `vfmadd` (same bits)
+/// rather than a libm `fmaf` call: the AVX2 path's column tails (`cols < 16`, e.g. 8-wide blocks).
+///
+/// # Safety
+/// The CPU supports avx2 and fma; the pointers are valid as for [`micro_scalar`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn micro_scalar_fma<const R: usize>(t: &Tile<'_>) {
+    micro_scalar::<R>(t)
 }
 
 /// Packs every `[bh, bw]` block for the micro-kernel's B operand, in panels of `nr0` output columns.
