@@ -1,7 +1,8 @@
 """sparsekit.comm benchmarks, side by side with their baselines in one run (ratio = baseline / ours).
 
 - planner: plan_buckets vs torch.distributed._compute_bucket_assignment_by_size, 10,000 fp32 params
-  (from tensors, from (nbytes, key) pairs, from an int64 byte array), lists of buckets included;
+  (from tensors, from (nbytes, key) pairs, from an int64 byte array), lists of buckets included,
+  interleaved rounds, medians of 31;
 - step: one training step of a ~50M-parameter MLP on 2 gloo processes: GradientSync vs DDP (same
   bucket size) vs a per-parameter all-reduce loop, interleaved rounds, medians;
 - topk: TopKCompression(0.01) bytes per step vs dense and loss after the same steps (2 gloo processes).
@@ -22,15 +23,6 @@ import torch.distributed as dist
 from sparsekit.comm import GradientSync, TopKCompression, plan_buckets
 
 
-def _median(f, rounds=9):
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
-
-
 def planner() -> None:
     g = torch.Generator().manual_seed(0)
     sizes = torch.randint(1, 50_000, (10_000,), generator=g).tolist()
@@ -38,10 +30,20 @@ def planner() -> None:
     specs = [(s * 4, "torch.float32@cpu") for s in sizes]
     arr = np.asarray(sizes, dtype=np.int64) * 4
     lim = [2**20, 25 * 2**20]
-    t_torch = _median(lambda: dist._compute_bucket_assignment_by_size(ts, lim))
-    t_ours = _median(lambda: plan_buckets(ts, ddp_compatible=True).buckets)
-    t_specs = _median(lambda: plan_buckets(specs, ddp_compatible=True).buckets)
-    t_arr = _median(lambda: plan_buckets(arr, ddp_compatible=True).buckets)
+    cases = [
+        lambda: dist._compute_bucket_assignment_by_size(ts, lim),
+        lambda: plan_buckets(ts, ddp_compatible=True).buckets,
+        lambda: plan_buckets(specs, ddp_compatible=True).buckets,
+        lambda: plan_buckets(arr, ddp_compatible=True).buckets,
+    ]
+    # interleaved rounds (a shared machine's load drifts), medians of 31
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(31):
+        for f, ts_ in zip(cases, times):
+            t0 = time.perf_counter()
+            f()
+            ts_.append(time.perf_counter() - t0)
+    t_torch, t_ours, t_specs, t_arr = (sorted(v)[len(v) // 2] for v in times)
     assert plan_buckets(arr, ddp_compatible=True).buckets == dist._compute_bucket_assignment_by_size(ts, lim)[0]
     print(f"planner 10k params: torch {t_torch * 1e3:.2f} ms | from tensors {t_ours * 1e3:.2f} ms "
           f"({t_torch / t_ours:.2f}x) | from pairs {t_specs * 1e3:.2f} ms ({t_torch / t_specs:.2f}x) | "
