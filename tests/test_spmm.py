@@ -97,7 +97,7 @@ def test_block_sparse_linear_roundtrip():
 
     lin = torch.nn.Linear(16, 8)
     mask = torch.rand(2, 4) < 0.5
-    m = BlockSparseLinear.from_linear(lin, (4, 4), mask)
+    m = BlockSparseLinear.from_linear(lin, (4, 4), mask=mask)
     x = torch.randn(3, 16)
     ref = m.to_linear()
     torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-4)
@@ -112,3 +112,61 @@ def test_torch_bsr_roundtrip():
     torch.testing.assert_close(BlockSparseMatrix.from_torch(t).to_dense(), w.to_dense())
     with pytest.raises(ValueError, match="t"):
         BlockSparseMatrix.from_torch(torch.zeros(4, 4))
+
+
+def test_from_linear_density_keeps_the_highest_norm_blocks():
+    from sparsekit.nn import BlockSparseLinear
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(32, 16)
+    m = BlockSparseLinear.from_linear(lin, (4, 8), density=0.25)
+    # reference: L2 norms of the 4x8 blocks by plain torch, top 25% (8 of 4*4=16 -> 4), ties never occur here
+    norms = lin.weight.detach().reshape(4, 4, 4, 8).transpose(1, 2).pow(2).sum((2, 3)).flatten()
+    ref = torch.zeros(16, dtype=torch.bool)
+    ref[norms.topk(4).indices] = True
+    assert torch.equal(m.block_mask(), ref.reshape(4, 4))
+    dense_kept = lin.weight.detach() * ref.reshape(4, 4).repeat_interleave(4, 0).repeat_interleave(8, 1)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(m(x), x @ dense_kept.T + lin.bias.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one"):
+        BlockSparseLinear.from_linear(lin, (4, 8))
+    with pytest.raises(ValueError, match="exactly one"):
+        BlockSparseLinear.from_linear(lin, (4, 8), 0.5, mask=ref.reshape(4, 4))
+
+
+def test_update_layout_moves_blocks_and_optimizer_state_in_place():
+    from sparsekit.nn import BlockSparseLinear
+
+    torch.manual_seed(4)
+    old = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    m = BlockSparseLinear(16, 12, (4, 4), mask=old)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x = torch.randn(6, 16)
+    m(x).square().sum().backward()
+    opt.step()
+    values_param = m.values
+    w_before = m.weight.to_dense().clone()
+    st = {k: v.clone() for k, v in opt.state[m.values].items() if torch.is_tensor(v) and v.shape == m.values.shape}
+    # drop (0,2) and (2,1); grow (1,3) and (2,2): 5 blocks before and after
+    new = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 1], [1, 0, 1, 0]], dtype=torch.bool)
+    assert m.update_layout(new, opt) == (3, 2)
+    assert m.values is values_param and torch.equal(m.block_mask(), new)
+    keep = (old & new).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    torch.testing.assert_close(m.weight.to_dense(), w_before * keep, rtol=0, atol=0)
+    # optimizer state: the same move, read block by block from the old order (row-major)
+    old_pos = {tuple(rc): i for i, rc in enumerate(old.nonzero().tolist())}
+    for i, rc in enumerate(new.nonzero().tolist()):
+        for name, before in st.items():
+            want = before[old_pos[tuple(rc)]] if tuple(rc) in old_pos else torch.zeros(4, 4)
+            torch.testing.assert_close(opt.state[m.values][name][i], want, rtol=0, atol=0)
+    # the module trains on: forward equals the dense reference, and the optimizer steps
+    torch.testing.assert_close(m(x), x @ m.weight.to_dense().T + m.bias, rtol=1e-5, atol=1e-5)
+    opt.zero_grad()
+    m(x).square().sum().backward()
+    opt.step()
+    short = new.clone()
+    short[0, 0] = False
+    with pytest.raises(ValueError, match="holds 4 blocks, the layout 5"):
+        m.update_layout(short)
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        m.update_layout(new.float())
