@@ -9,8 +9,8 @@ Groups (ours and the baseline in one run on the same data; the answers are check
            (softmax, topk, stable argsort, bincount, cumsum), and the floor (one read of the logits: sum).
            extra_info: tokens/s.
   permute  T=65536, d=256, k=2: permute + unpermute forward + backward vs index_select / index_add_.
-  layer    MoE forward + backward, d_model=512, d_ff=1024, E=16, k=2, T=8192 vs a torch loop over
-           experts with boolean masks (DeepSeek-V3 inference style).
+  layer    MoE forward + backward (input gradient included), d_model=512, d_ff=1024, E=16, k=2, T=8192
+           vs a torch loop over experts with boolean masks (DeepSeek-V3 inference style).
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ def loop_moe(layer, x):  # type: ignore[no-untyped-def]
 def layer_data():
     torch.manual_seed(2)
     layer = moe.MoE(512, 1024, 16, 2, balancer="aux_free")
-    x = torch.randn(8192, 512)
+    # as inside a model: the layer's input needs its gradient too (both sides compute it)
+    x = torch.randn(8192, 512, requires_grad=True)
     return layer, x
 
 
@@ -135,6 +136,7 @@ def test_layer_sparsekit(benchmark, layer_data):
 
     def run():  # type: ignore[no-untyped-def]
         layer.zero_grad()
+        x.grad = None
         layer(x).sum().backward()
 
     _bench(benchmark, run, rounds=3)
@@ -146,6 +148,7 @@ def test_layer_torch_loop(benchmark, layer_data):
 
     def run():  # type: ignore[no-untyped-def]
         layer.zero_grad()
+        x.grad = None
         loop_moe(layer, x).sum().backward()
 
     _bench(benchmark, run, rounds=3)

@@ -133,12 +133,26 @@ def test_moe_layer_matches_loop(score, n_shared):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_weight_grads_without_input_grad_match_the_loop():
+    # an input that needs no gradient skips the experts' dX matmuls; the weight gradients must not change
+    torch.manual_seed(5)
+    layer = moe.MoE(24, 32, 6, 2, balancer="none")
+    x = torch.randn(80, 24)
+    params = [layer.gate, layer.w1, layer.w3, layer.w2]
+    got = torch.autograd.grad(layer(x).square().sum(), params)
+    want = torch.autograd.grad(reference_moe(layer, x).square().sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_moe_gradcheck_small():
     torch.manual_seed(1)
     layer = moe.MoE(4, 5, 3, 2, dtype=torch.float64, balancer="none")
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w1, w2: torch.func.functional_call(layer, {"w1": w1, "w2": w2}, (x,)),
-                                    (x, layer.w1.detach().clone().requires_grad_(), layer.w2.detach().clone().requires_grad_()))
+    ws = [getattr(layer, n).detach().clone().requires_grad_() for n in ("w1", "w3", "w2")]
+    assert torch.autograd.gradcheck(
+        lambda x, w1, w3, w2: torch.func.functional_call(layer, {"w1": w1, "w3": w3, "w2": w2}, (x,)), (x, *ws)
+    )
 
 
 def test_balancer_step_and_counts():

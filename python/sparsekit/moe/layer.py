@@ -19,59 +19,73 @@ def _swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tenso
 
 
 @torch.library.custom_op("sparsekit::moe_experts", mutates_args=())
-def _experts_op(xp: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    out = xp.new_zeros((xp.shape[0], w2.shape[1]))
+def _experts_op(xp: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(out, h1, h3)``: the expert outputs and the two gate pre-activations, kept for the backward
+    (recomputing them there would cost two of the forward's three matmuls again, as torch autograd
+    of the same loop would not)."""
+    n, d_ff = xp.shape[0], w1.shape[1]
+    out = xp.new_zeros((n, w2.shape[1]))
+    h1, h3 = xp.new_zeros((n, d_ff)), xp.new_zeros((n, d_ff))
     off = offsets.tolist()
     for e in range(w1.shape[0]):
         a, b = off[e], off[e + 1]
         if b > a:
-            out[a:b] = _swiglu(xp[a:b], w1[e], w3[e], w2[e])
-    return out
+            x = xp[a:b]
+            torch.matmul(x, w1[e].t(), out=h1[a:b])
+            torch.matmul(x, w3[e].t(), out=h3[a:b])
+            torch.matmul(F.silu(h1[a:b]) * h3[a:b], w2[e].t(), out=out[a:b])
+    return out, h1, h3
 
 
 @_experts_op.register_fake
 def _experts_fake(xp, offsets, w1, w3, w2):  # type: ignore[no-untyped-def]
-    return xp.new_empty((xp.shape[0], w2.shape[1]))
+    n, d_ff = xp.shape[0], w1.shape[1]
+    return xp.new_empty((n, w2.shape[1])), xp.new_empty((n, d_ff)), xp.new_empty((n, d_ff))
 
 
 @torch.library.custom_op("sparsekit::moe_experts_backward", mutates_args=())
-def _experts_bwd_op(g: torch.Tensor, xp: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                    w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    gx = torch.zeros_like(xp)
+def _experts_bwd_op(g: torch.Tensor, xp: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, offsets: torch.Tensor,
+                    w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                    need_gx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    gx = torch.zeros_like(xp)  # stays zero without need_gx (the input needs no gradient: two matmuls saved)
     g1, g3, g2 = torch.zeros_like(w1), torch.zeros_like(w3), torch.zeros_like(w2)
     off = offsets.tolist()
     for e in range(w1.shape[0]):
         a, b = off[e], off[e + 1]
         if b <= a:
             continue
-        x, dy = xp[a:b], g[a:b]
-        h1, h3 = x @ w1[e].t(), x @ w3[e].t()
-        s1 = F.silu(h1)
-        h = s1 * h3
-        g2[e] = dy.t() @ h
+        x, dy, p1, p3 = xp[a:b], g[a:b], h1[a:b], h3[a:b]
+        sig = torch.sigmoid(p1)
+        s1 = p1 * sig  # silu
+        g2[e] = dy.t() @ (s1 * p3)
         dh = dy @ w2[e]
-        sig = torch.sigmoid(h1)
-        d1 = dh * h3 * (sig * (1 + h1 * (1 - sig)))
+        d1 = dh * p3 * (sig * (1 + p1 * (1 - sig)))
         d3 = dh * s1
         g1[e] = d1.t() @ x
         g3[e] = d3.t() @ x
-        gx[a:b] = d1 @ w1[e] + d3 @ w3[e]
+        if need_gx:
+            gx[a:b] = d1 @ w1[e] + d3 @ w3[e]
     return gx, g1, g3, g2
 
 
 @_experts_bwd_op.register_fake
-def _experts_bwd_fake(g, xp, offsets, w1, w3, w2):  # type: ignore[no-untyped-def]
+def _experts_bwd_fake(g, xp, h1, h3, offsets, w1, w3, w2, need_gx):  # type: ignore[no-untyped-def]
     return torch.empty_like(xp), torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
 
 
 def _experts_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
-    ctx.save_for_backward(*inputs)
+    xp, offsets, w1, w3, w2 = inputs
+    _, h1, h3 = output
+    ctx.mark_non_differentiable(h1, h3)
+    ctx.save_for_backward(xp, h1, h3, offsets, w1, w3, w2)
 
 
-def _experts_backward(ctx, g):  # type: ignore[no-untyped-def]
-    xp, offsets, w1, w3, w2 = ctx.saved_tensors
-    gx, g1, g3, g2 = _experts_bwd_op(g.contiguous(), xp, offsets, w1, w3, w2)
-    return gx, None, g1, g3, g2
+def _experts_backward(ctx, g, _g1, _g3):  # type: ignore[no-untyped-def]
+    xp, h1, h3, offsets, w1, w3, w2 = ctx.saved_tensors
+    need_gx = bool(ctx.needs_input_grad[0])
+    gx, g1, g3, g2 = _experts_bwd_op(g.contiguous(), xp, h1, h3, offsets, w1, w3, w2, need_gx)
+    return gx if need_gx else None, None, g1, g3, g2
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
@@ -79,8 +93,9 @@ _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 def grouped_swiglu(xp: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """SwiGLU expert ``e`` over rows ``offsets[e]:offsets[e+1]`` of ``xp``; rows past ``offsets[E]``
-    (dropped slots) give zeros. ``w1, w3 [E, d_ff, d]``, ``w2 [E, d, d_ff]``."""
-    return _experts_op(xp, offsets, w1, w3, w2)
+    (dropped slots) give zeros. ``w1, w3 [E, d_ff, d]``, ``w2 [E, d, d_ff]``. The backward uses the two
+    ``[rows, d_ff]`` pre-activations saved by the forward (the memory torch autograd of the loop keeps too)."""
+    return _experts_op(xp, offsets, w1, w3, w2)[0]
 
 
 class MoE(nn.Module):
