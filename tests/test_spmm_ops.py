@@ -225,3 +225,33 @@ def test_bad_layouts_are_refused():
     w.col_indices[0] = 99
     with pytest.raises(ValueError, match="col_indices"):
         ops.bsr_linear(torch.randn(2, 48), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accumulates_in_float32(dtype, monkeypatch):
+    from sparsekit import _core
+
+    calls = []
+    kernel = _core.bsr_kernel
+    monkeypatch.setattr(_core, "bsr_kernel", lambda op, *a: (calls.append(op), kernel(op, *a))[1])
+    # reference: the same half inputs, the product in float64, rounded once to the half dtype
+    mask = torch.rand(4, 3, generator=torch.Generator().manual_seed(7)) < 0.6
+    w = _matrix(128, 96, (32, 32), mask, dtype=dtype, seed=3)
+    x = torch.randn(20, 96, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_()
+    v = w.values.detach().clone().requires_grad_()
+    y = ops.bsr_linear(x, w, values=v)
+    wd = w.to_dense().double()
+    assert y.dtype == dtype
+    want = (x.detach().double() @ wd.T).to(dtype)
+    # float32 accumulation differs from float64 by far less than one half-precision ulp: mostly equal bits
+    ulp = torch.finfo(dtype).eps * want.double().abs().clamp_min(1e-3)
+    assert ((y.double() - want.double()).abs() <= ulp).all()
+    g = torch.randn(20, 128, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y.backward(g)
+    gx_want = (g.double() @ wd).to(dtype)
+    gv_want = _gathered(g.double().T @ x.detach().double(), w).to(dtype)
+    assert x.grad.dtype == dtype and v.grad.dtype == dtype
+    for got, want_ in ((x.grad, gx_want), (v.grad, gv_want)):
+        ulp = torch.finfo(dtype).eps * want_.double().abs().clamp_min(1e-3)
+        assert ((got.double() - want_.double()).abs() <= ulp).all()
+    assert calls == ["linear", "linear_grad_input", "sdd"]  # the Rust kernels ran, not a dense fallback

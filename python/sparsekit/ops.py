@@ -4,7 +4,7 @@ Public, differentiable: :func:`bsr_linear` (``x @ W^T + b``), :func:`bsr_matmul`
 (the blocks of ``a^T @ b`` at a layout). Each is a ``torch.ops.sparsekit.*`` custom op with a fake (meta)
 implementation and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces through
 them without graph breaks. The kernels behind them come from a backend per device: "cpu" is the Rust
-core (float32; other dtypes take a dense torch reference path), CUDA tensors and CPU tensors inside
+core (float32, and float16/bfloat16 through float32; float64 takes a dense torch reference path), CUDA tensors and CPU tensors inside
 ``sparsekit.testing.simulated_cuda()`` take the CUDA kernels.
 """
 
@@ -46,34 +46,45 @@ def _np(t: torch.Tensor) -> Any:
     return t.detach().contiguous().reshape(-1).numpy()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 class _CpuBackend:
-    """Rust f32 kernels; other dtypes use a plain torch reference (dense gather), e.g. float64 for gradcheck."""
+    """Rust f32 kernels. float16/bfloat16 run them too: operands converted to float32 by torch (one pass;
+    the product accumulates in float32), the result rounded once to the input dtype. Other dtypes
+    (float64, for gradcheck) use a plain torch reference (dense gather)."""
 
     def _layout(self, w: Any) -> list:
         return [_np(w.row_offsets), _np(w.col_indices), _np(w.t_offsets), _np(w.t_perm), _np(w.t_row_indices)]
 
     def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         """``x @ W^T``."""
+        if x.dtype in _HALF:
+            return self.linear(x.float(), w._replace(values=w.values.float())).to(x.dtype)
         if x.dtype != torch.float32:
             return x @ _dense(w).to(x.dtype).T
         from sparsekit import _core
         out = np.empty(x.shape[0] * w.shape[0], dtype=np.float32)
-        _core.bsr_kernel("linear", w.shape, w.block, self._layout(w), _np(x), _np(w.values.float()), x.shape[0], out)
+        _core.bsr_kernel("linear", w.shape, w.block, self._layout(w), _np(x), _np(w.values), x.shape[0], out)
         return torch.from_numpy(out).reshape(x.shape[0], w.shape[0])
 
     def linear_grad_input(self, dy: torch.Tensor, w: Any) -> torch.Tensor:
         """``dy @ W``."""
+        if dy.dtype in _HALF:
+            return self.linear_grad_input(dy.float(), w._replace(values=w.values.float())).to(dy.dtype)
         if dy.dtype != torch.float32:
             return dy @ _dense(w).to(dy.dtype)
         from sparsekit import _core
         out = np.empty(dy.shape[0] * w.shape[1], dtype=np.float32)
-        _core.bsr_kernel("linear_grad_input", w.shape, w.block, self._layout(w), _np(dy), _np(w.values.float()),
+        _core.bsr_kernel("linear_grad_input", w.shape, w.block, self._layout(w), _np(dy), _np(w.values),
                          dy.shape[0], out)
         return torch.from_numpy(out).reshape(dy.shape[0], w.shape[1])
 
     def sdd(self, a: torch.Tensor, b: torch.Tensor, w: Any) -> torch.Tensor:
         """Blocks ``a[:, r]^T @ b[:, c]`` of the layout of ``w``, shape ``[nnz, bh, bw]``."""
         bh, bw = w.block
+        if a.dtype in _HALF:
+            return self.sdd(a.float(), b.float(), w).to(a.dtype)
         if a.dtype != torch.float32:
             full = a.T @ b
             n, k = w.shape
