@@ -4,12 +4,17 @@ Selection (``sparsekit.select``): :func:`topk_mask`, :func:`global_topk_masks`, 
 :func:`block_topk_mask`, :func:`kth_largest`, :func:`quantile`. CPU tensors run in the Rust core
 (``sparsekit._core``), CUDA tensors in the kernels under ``cuda/`` (needs ``pip install sparsekit[cuda]``).
 
+Subpackages: ``sparsekit.sparsity`` (dynamic sparse training), ``sparsekit.moe`` (routing, dispatch, the MoE
+layer, load balancing), ``sparsekit.comm`` (gradient buckets and sync over torch.distributed),
+``sparsekit.ops`` / ``sparsekit.nn`` (block-sparse GEMM ops and ``BlockSparseLinear``) with
+:class:`BlockSparseMatrix`; ``sparsekit.testing`` (the CUDA simulation switch).
+
 Threads: the Rust core uses its own rayon pool, sized by the ``SPARSEKIT_NUM_THREADS`` environment
 variable (default: all cores) or :func:`set_num_threads`; it is rebuilt in forked children
 (DataLoader workers), so forking is safe.
 """
 
-from . import _core, comm, moe, sparsity
+from . import _core, comm, moe, nn, ops, sparsity
 from .blocksparse import BlockSparseMatrix
 from .select import block_topk_mask, global_topk_masks, kth_largest, nm_mask, quantile, topk_mask
 
