@@ -27,6 +27,30 @@ def test_bench_quick_json_reports_every_capability_with_agreeing_answers():
         assert case["ratio"] == pytest.approx(case["baseline_ms"] / case["ours_ms"])
 
 
+def test_readme_table_is_generated_from_the_bench_json(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("readme_table", root / "benches" / "readme_table.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    out = _run("bench", "--quick", "--json", "--only", "comm")
+    report = json.loads(out.stdout)
+    table = mod.table(report)
+    case = report["cases"][0]
+    assert f"| comm | {case['name']} |" in table and f"**{case['ratio']:.2f}x** | yes |" in table
+    assert f"medians of {report['repeats']}" in table
+    readme = (root / "README.md").read_text()
+    rewritten = mod.replace_between_markers(readme, table)
+    assert table in rewritten and rewritten.count(mod.START) == 1
+    # everything outside the markers is kept
+    assert rewritten.split(mod.START)[0] == readme.split(mod.START)[0]
+    assert rewritten.split(mod.END)[1] == readme.split(mod.END)[1]
+    with pytest.raises(SystemExit):
+        mod.replace_between_markers("no markers", table)
+
+
 def test_bench_rejects_an_unknown_capability():
     out = _run("bench", "--quick", "--only", "nonsense")
     assert out.returncode == 2 and "unknown capability 'nonsense'" in out.stdout
