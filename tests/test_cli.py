@@ -61,6 +61,7 @@ def test_demo_help_documents_every_option():
     assert out.returncode == 0
     for option in ("--quick", "--steps", "--density", "--method", "--experts", "--k", "--seed", "--out", "--threads"):
         assert option in out.stdout
+    assert "``" not in out.stdout  # plain text, not reST markup
 
 
 @pytest.mark.parametrize("args, message", [(["--density", "0"], "--density"), (["--k", "9", "--experts", "8"], "--k")])

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = sub.add_parser(
         "demo",
         help="train a small MoE language model dense, sparse and unbalanced on the standard library's source",
-        description=(demo.__doc__ or "").split("\n\n")[0],
+        description=(demo.__doc__ or "").split("\n\n")[0].replace("``", ""),  # plain text, not reST
     )
     demo.add_arguments(demo_parser)
     bench_parser = sub.add_parser("bench", help="every capability against its usual alternative, one table of speed-ups")
