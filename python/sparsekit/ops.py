@@ -31,7 +31,7 @@ def _backend(x: torch.Tensor) -> Any:
     ``sparsekit.testing.simulated_cuda()``, for CPU tensors (run on the CPU shim); else by device type."""
     from . import _cuda
 
-    if _cuda.runs_on_device(x) and x.dtype in (torch.float32, torch.float64):
+    if _cuda.runs_on_device(x) and x.dtype in (torch.float32, torch.float64, *_HALF):
         if "cuda" not in BACKENDS:
             from ._cuda_spmm import OpsBackend
 
