@@ -126,3 +126,66 @@ def test_quantile_levels_stay_on_the_device():
     q = torch.linspace(0, 1, 50)
     assert _count_syncs(lambda: sparsekit.quantile(xd, q)) == 1
     assert same_tensor(sparsekit.quantile(xd, q).cpu(), torch.quantile(xd.cpu(), q), zero_sign=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Routing and block-sparse GEMM on CUDA tensors against the CPU path (the helpers take the device, so the
+# same code also runs on the CPU; on a GPU these prove the cupy launch of cuda/route.cu and cuda/spmm.cu)
+# ------------------------------------------------------------------------------------------------
+ROUTE_CASES = [
+    {"k": 2},
+    {"k": 8, "score": "sigmoid", "n_groups": 8, "topk_groups": 4},
+    {"k": 2, "capacity_factor": 1.0, "drop_policy": "position"},
+]
+
+
+def _route(device: torch.device, kw: dict) -> tuple[torch.Tensor, ...]:
+    from sparsekit import moe
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(4096, 64, generator=gen)
+    bias = torch.randn(64, generator=gen) * 0.01 if kw.get("score") == "sigmoid" else None
+    p = moe.route(logits.to(device), bias=None if bias is None else bias.to(device), **kw)
+    return p.expert_ids, p.weights, p.order, p.counts, p.offsets
+
+
+@pytest.mark.parametrize("kw", ROUTE_CASES, ids=str)
+def test_routing_plan_matches_the_cpu_path(kw):
+    got, want = _route(torch.device("cuda"), kw), _route(torch.device("cpu"), kw)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.device.type == "cuda", i
+        if w.dtype.is_floating_point:
+            torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(g.cpu(), w), i
+
+
+def _bsr_fwd_bwd(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    from sparsekit import BlockSparseMatrix
+    from sparsekit.ops import bsr_linear
+
+    gen = torch.Generator().manual_seed(8)
+    mask = torch.rand(4, 6, generator=gen) < 0.4
+    mask[2] = False  # an empty block-row
+    dense = torch.randn(128, 192, generator=gen).to(dtype)
+    x = torch.randn(70, 192, generator=gen).to(dtype)
+    g = torch.randn(70, 128, generator=gen).to(dtype)
+    w = BlockSparseMatrix.from_dense(dense.to(device), (32, 32), mask=mask.to(device))
+    xi = x.to(device).requires_grad_(True)
+    vi = w.values.detach().clone().requires_grad_(True)
+    y = bsr_linear(xi, w, values=vi)
+    y.backward(g.to(device))
+    return y.detach(), xi.grad, vi.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_sparse_ops_match_the_cpu_path(dtype):
+    got, want = _bsr_fwd_bwd(torch.device("cuda"), dtype), _bsr_fwd_bwd(torch.device("cpu"), dtype)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype)
+    for i, (gt, w) in enumerate(zip(got, want)):
+        assert gt.device.type == "cuda" and gt.dtype == dtype, i
+        if tol is not None:
+            torch.testing.assert_close(gt.cpu(), w, rtol=tol, atol=tol)
+        else:  # both accumulate in float32 and round once: within one half-precision ulp
+            ulp = torch.finfo(dtype).eps * w.double().abs().clamp_min(1e-2)
+            assert ((gt.cpu().double() - w.double()).abs() <= ulp).all(), i
