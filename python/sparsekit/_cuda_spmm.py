@@ -9,7 +9,6 @@ No host synchronisation: every output size is known from the shapes.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -19,18 +18,6 @@ from ._cuda import Backend, SimBackend, backend_for
 TILE = 16
 THREADS = TILE * TILE
 DTYPES = {torch.float32: "float", torch.float64: "double"}
-# float16/bfloat16 run the float32 kernels (converted by torch, accumulated in float32, rounded once);
-# tensor-core (wmma / mma.sync) kernels for them are not written yet.
-HALF = (torch.float16, torch.bfloat16)
-
-
-def _as_float32(w: Any) -> Any:
-    """``w`` with its values in float32 (a NamedTuple layout, or any object with ``values``)."""
-    if hasattr(w, "_replace"):
-        return w._replace(values=w.values.float())
-    out = copy.copy(w)
-    out.values = w.values.float()
-    return out
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     f"{k}<{c}>" for c in DTYPES.values() for k in ("spmm_dsd", "spmm_dsd_t", "spmm_sdd")
 )
@@ -60,7 +47,7 @@ def _layout(w: Any, ref: torch.Tensor) -> tuple[int, int, int, int, int]:
     if n % bh or k % bw:
         raise ValueError(f"w.shape {(n, k)} must be a multiple of w.block {(bh, bw)}")
     if ref.dtype not in DTYPES:
-        raise TypeError(f"dtype {ref.dtype} is not supported (float32, float64; float16/bfloat16 through float32)")
+        raise TypeError(f"dtype {ref.dtype} is not supported (float32, float64)")
     _check("w.values", w.values, ref.dtype, 3)
     for name in ("row_offsets", "col_indices", "t_offsets", "t_perm", "t_row_indices"):
         t = getattr(w, name)
@@ -86,8 +73,6 @@ class OpsBackend:
 
     def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         """y = x @ W^T for x [M, K]: y [M, N]."""
-        if isinstance(x, torch.Tensor) and x.dtype in HALF and w.values.dtype == x.dtype:
-            return self.linear(x.float(), _as_float32(w)).to(x.dtype)
         _check("x", x, None, 2)
         n, k, bh, bw, _ = _layout(w, x)
         if x.shape[1] != k:
@@ -103,8 +88,6 @@ class OpsBackend:
 
     def linear_grad_input(self, dy: torch.Tensor, w: Any) -> torch.Tensor:
         """dx = dy @ W for dy [M, N]: dx [M, K], through the transpose metadata."""
-        if isinstance(dy, torch.Tensor) and dy.dtype in HALF and w.values.dtype == dy.dtype:
-            return self.linear_grad_input(dy.float(), _as_float32(w)).to(dy.dtype)
         _check("dy", dy, None, 2)
         n, k, bh, bw, _ = _layout(w, dy)
         if dy.shape[1] != n:
@@ -120,8 +103,6 @@ class OpsBackend:
 
     def sdd(self, a: torch.Tensor, b: torch.Tensor, w: Any) -> torch.Tensor:
         """values [nnz, bh, bw] with block (r, c) = a[:, r-block]^T @ b[:, c-block]."""
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype in HALF and b.dtype == a.dtype:
-            return self.sdd(a.float(), b.float(), _as_float32(w)).to(a.dtype)
         _check("a", a, None, 2)
         _check("b", b, a.dtype, 2)
         n, k, bh, bw, nnz = _layout(w, a)

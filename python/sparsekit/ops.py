@@ -49,18 +49,21 @@ def _np(t: torch.Tensor) -> Any:
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _f32(t: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32 for the kernels (every backend accumulates in float32; the ops round the
+    result back once); other dtypes unchanged."""
+    return t.float() if t.dtype in _HALF else t
+
+
 class _CpuBackend:
-    """Rust f32 kernels. float16/bfloat16 run them too: operands converted to float32 by torch (one pass;
-    the product accumulates in float32), the result rounded once to the input dtype. Other dtypes
-    (float64, for gradcheck) use a plain torch reference (dense gather)."""
+    """Rust f32 kernels (float16/bfloat16 reach them as float32: see ``_f32``); other dtypes (float64, for
+    gradcheck) use a plain torch reference (dense gather)."""
 
     def _layout(self, w: Any) -> list:
         return [_np(w.row_offsets), _np(w.col_indices), _np(w.t_offsets), _np(w.t_perm), _np(w.t_row_indices)]
 
     def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         """``x @ W^T``."""
-        if x.dtype in _HALF:
-            return self.linear(x.float(), w._replace(values=w.values.float())).to(x.dtype)
         if x.dtype != torch.float32:
             return x @ _dense(w).to(x.dtype).T
         from sparsekit import _core
@@ -70,8 +73,6 @@ class _CpuBackend:
 
     def linear_grad_input(self, dy: torch.Tensor, w: Any) -> torch.Tensor:
         """``dy @ W``."""
-        if dy.dtype in _HALF:
-            return self.linear_grad_input(dy.float(), w._replace(values=w.values.float())).to(dy.dtype)
         if dy.dtype != torch.float32:
             return dy @ _dense(w).to(dy.dtype)
         from sparsekit import _core
@@ -83,8 +84,6 @@ class _CpuBackend:
     def sdd(self, a: torch.Tensor, b: torch.Tensor, w: Any) -> torch.Tensor:
         """Blocks ``a[:, r]^T @ b[:, c]`` of the layout of ``w``, shape ``[nnz, bh, bw]``."""
         bh, bw = w.block
-        if a.dtype in _HALF:
-            return self.sdd(a.float(), b.float(), w).to(a.dtype)
         if a.dtype != torch.float32:
             full = a.T @ b
             n, k = w.shape
@@ -138,27 +137,28 @@ def _mk(values: Tensor, layout: Sequence[Tensor], dims: Sequence[int]) -> _W:
 @torch.library.custom_op("sparsekit::bsr_linear", mutates_args=())
 def _op_bsr_linear(x: Tensor, values: Tensor, layout: List[Tensor], dims: List[int]) -> Tensor:
     """``x [M, K] @ W^T`` -> ``[M, N]``."""
-    return _backend(x).linear(x.contiguous(), _mk(values, layout, dims))
+    return _backend(x).linear(_f32(x).contiguous(), _mk(_f32(values), layout, dims)).to(x.dtype)
 
 
 @torch.library.custom_op("sparsekit::bsr_linear_grad_input", mutates_args=())
 def _op_grad_input(dy: Tensor, values: Tensor, layout: List[Tensor], dims: List[int]) -> Tensor:
     """``dy [M, N] @ W`` -> ``[M, K]`` (through the transpose metadata)."""
-    return _backend(dy).linear_grad_input(dy.contiguous(), _mk(values, layout, dims))
+    return _backend(dy).linear_grad_input(_f32(dy).contiguous(), _mk(_f32(values), layout, dims)).to(dy.dtype)
 
 
 @torch.library.custom_op("sparsekit::sdd", mutates_args=())
 def _op_sdd(a: Tensor, b: Tensor, layout: List[Tensor], dims: List[int]) -> Tensor:
     """Blocks of ``a[M, N]^T @ b[M, K]`` at the layout -> ``[nnz, bh, bw]``."""
     # Values are not read by sdd; the CUDA backend takes nnz from their shape.
-    w = _mk(a.new_empty(layout[1].shape[0], dims[2], dims[3]), layout, dims)
-    return _backend(a).sdd(a.contiguous(), b.contiguous(), w)
+    a32, b32 = _f32(a), _f32(b)
+    w = _mk(a32.new_empty(layout[1].shape[0], dims[2], dims[3]), layout, dims)
+    return _backend(a).sdd(a32.contiguous(), b32.contiguous(), w).to(a.dtype)
 
 
 @torch.library.custom_op("sparsekit::bsr_matmul", mutates_args=())
 def _op_bsr_matmul(values: Tensor, layout: List[Tensor], dims: List[int], x: Tensor) -> Tensor:
     """``W @ x [K, M]`` -> ``[N, M]``, as ``(x^T @ W^T)^T`` on the DSD kernel."""
-    return _backend(x).linear(x.T.contiguous(), _mk(values, layout, dims)).T.contiguous()
+    return _backend(x).linear(_f32(x).T.contiguous(), _mk(_f32(values), layout, dims)).T.contiguous().to(x.dtype)
 
 
 @_op_bsr_linear.register_fake
