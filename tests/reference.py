@@ -73,3 +73,10 @@ def same_tensor(got: torch.Tensor, want: torch.Tensor, *, zero_sign: bool = True
     if not zero_sign:
         same_bits |= (got == 0) & (want == 0)
     return bool(same_bits.all())
+
+
+def within_one_ulp(got: torch.Tensor, want: torch.Tensor, floor: float) -> bool:
+    """Every element of ``got`` within one ulp of ``want``'s dtype (``eps * max(|want|, floor)``): what two
+    float32-accumulated results rounded once to float16/bfloat16 may differ by."""
+    ulp = torch.finfo(want.dtype).eps * want.double().abs().clamp_min(floor)
+    return bool(((got.double() - want.double()).abs() <= ulp).all())

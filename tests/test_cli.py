@@ -27,7 +27,7 @@ def test_bench_quick_json_reports_every_capability_with_agreeing_answers():
         assert case["ratio"] == pytest.approx(case["baseline_ms"] / case["ours_ms"])
 
 
-def test_readme_table_is_generated_from_the_bench_json(tmp_path):
+def test_readme_table_is_generated_from_the_bench_json():
     import importlib.util
     from pathlib import Path
 
