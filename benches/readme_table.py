@@ -22,15 +22,15 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def table(result: dict) -> str:
+    """The machine line and ``python -m sparsekit bench``'s own table, rebuilt from its JSON."""
+    from sparsekit.bench import Case, format_table
+
     m = result["machine"]
     head = (f"`python -m sparsekit bench` on {m['cpu']}, {m['cores']} cores ({m['sparsekit_threads']} sparsekit / "
             f"{m['torch_threads']} torch threads), torch {m['torch']}, sparsekit {m['sparsekit']}; medians of {result['repeats']} after a warm-up:")
-    rows = ["| capability | case | baseline | sparsekit ms | baseline ms | speed-up | same answer |",
-            "|---|---|---|---:|---:|---:|---|"]
-    for c in result["cases"]:
-        rows.append(f"| {c['capability']} | {c['name']} | {c['baseline']} | {c['ours_ms']:.2f} | {c['baseline_ms']:.2f} | "
-                    f"**{c['ratio']:.2f}x** | {'yes' if c['agree'] else 'NO'} |")
-    return "\n".join([head, "", *rows])
+    fields = ("capability", "name", "baseline", "ours_ms", "baseline_ms", "agree")
+    cases = [Case(**{f: c[f] for f in fields}) for c in result["cases"]]
+    return "\n".join([head, "", format_table(cases)])
 
 
 def replace_between_markers(text: str, new: str) -> str:
