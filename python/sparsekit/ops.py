@@ -55,6 +55,12 @@ def _f32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in _HALF else t
 
 
+def _kernel_input(backend: Any, t: Tensor) -> Tensor:
+    """``t`` as ``backend`` takes it: a backend that lists float16/bfloat16 in ``native_half`` reads them
+    itself (float32 accumulation); for the others they become float32 here (see ``_f32``)."""
+    return t if t.dtype in getattr(backend, "native_half", ()) else _f32(t)
+
+
 class _CpuBackend:
     """Rust f32 kernels (float16/bfloat16 reach them as float32: see ``_f32``); other dtypes (float64, for
     gradcheck) use a plain torch reference (dense gather)."""
@@ -137,28 +143,34 @@ def _mk(values: Tensor, layout: Sequence[Tensor], dims: Sequence[int]) -> _W:
 @torch.library.custom_op("sparsekit::bsr_linear", mutates_args=())
 def _op_bsr_linear(x: Tensor, values: Tensor, layout: List[Tensor], dims: List[int]) -> Tensor:
     """``x [M, K] @ W^T`` -> ``[M, N]``."""
-    return _backend(x).linear(_f32(x).contiguous(), _mk(_f32(values), layout, dims)).to(x.dtype)
+    be = _backend(x)
+    return be.linear(_kernel_input(be, x).contiguous(), _mk(_kernel_input(be, values), layout, dims)).to(x.dtype)
 
 
 @torch.library.custom_op("sparsekit::bsr_linear_grad_input", mutates_args=())
 def _op_grad_input(dy: Tensor, values: Tensor, layout: List[Tensor], dims: List[int]) -> Tensor:
     """``dy [M, N] @ W`` -> ``[M, K]`` (through the transpose metadata)."""
-    return _backend(dy).linear_grad_input(_f32(dy).contiguous(), _mk(_f32(values), layout, dims)).to(dy.dtype)
+    be = _backend(dy)
+    g = be.linear_grad_input(_kernel_input(be, dy).contiguous(), _mk(_kernel_input(be, values), layout, dims))
+    return g.to(dy.dtype)
 
 
 @torch.library.custom_op("sparsekit::sdd", mutates_args=())
 def _op_sdd(a: Tensor, b: Tensor, layout: List[Tensor], dims: List[int]) -> Tensor:
     """Blocks of ``a[M, N]^T @ b[M, K]`` at the layout -> ``[nnz, bh, bw]``."""
     # Values are not read by sdd; the CUDA backend takes nnz from their shape.
-    a32, b32 = _f32(a), _f32(b)
-    w = _mk(a32.new_empty(layout[1].shape[0], dims[2], dims[3]), layout, dims)
-    return _backend(a).sdd(a32.contiguous(), b32.contiguous(), w).to(a.dtype)
+    be = _backend(a)
+    a_in, b_in = _kernel_input(be, a), _kernel_input(be, b)
+    w = _mk(a_in.new_empty(layout[1].shape[0], dims[2], dims[3]), layout, dims)
+    return be.sdd(a_in.contiguous(), b_in.contiguous(), w).to(a.dtype)
 
 
 @torch.library.custom_op("sparsekit::bsr_matmul", mutates_args=())
 def _op_bsr_matmul(values: Tensor, layout: List[Tensor], dims: List[int], x: Tensor) -> Tensor:
     """``W @ x [K, M]`` -> ``[N, M]``, as ``(x^T @ W^T)^T`` on the DSD kernel."""
-    return _backend(x).linear(_f32(x).T.contiguous(), _mk(_f32(values), layout, dims)).T.contiguous().to(x.dtype)
+    be = _backend(x)
+    y = be.linear(_kernel_input(be, x).T.contiguous(), _mk(_kernel_input(be, values), layout, dims))
+    return y.T.contiguous().to(x.dtype)
 
 
 @_op_bsr_linear.register_fake
