@@ -109,6 +109,16 @@ class MoE(nn.Module):
     last call, times ``aux_loss_coef``; add it to your loss) or ``"none"``; ``rate``, ``ema`` for the
     :class:`LoadBalancer`; ``process_group`` to all-reduce counts across data-parallel ranks.
 
+    ``expert_parallel_group`` (a ``torch.distributed`` process group, or ``True`` for the default group):
+    the experts are split over its ``W`` ranks (``n_experts`` divisible by ``W``); this rank holds experts
+    ``[rank*E/W, (rank+1)*E/W)`` only (``w1``/``w3``/``w2`` have ``E/W`` rows; the others are never
+    materialised) and tokens travel to their experts' ranks by all-to-all (see
+    :mod:`sparsekit.moe.expert_parallel`). The router (``gate``), the shared experts and ``expert_bias`` are
+    replicated and must start equal on every rank; their gradients are per-rank and need the data-parallel
+    all-reduce (DDP or :class:`sparsekit.comm.GradientSync`). Without ``process_group`` the balancer sums
+    counts over the expert-parallel group. ``state_dict()`` holds this rank's experts;
+    :meth:`full_state_dict` gathers all of them, :meth:`load_full_state_dict` loads this rank's slice.
+
     After a forward: :attr:`last_plan` (the :class:`RoutingPlan`), :meth:`last_counts` (tokens per
     expert of the last forward) and :meth:`balance_stats`. Once per optimizer step call
     :meth:`balancer_step`.
@@ -118,7 +128,8 @@ class MoE(nn.Module):
                  balancer: str = "aux_free", n_groups: int | None = None, topk_groups: int | None = None,
                  capacity_factor: float | None = None, drop_policy: str = "probs", normalize: bool | None = None,
                  scale: float = 1.0, rate: float = 1e-3, ema: float = 0.9, aux_loss_coef: float = 1e-2,
-                 process_group: Any = None, device: Any = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+                 process_group: Any = None, expert_parallel_group: Any = None, device: Any = None,
+                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
         super().__init__()
         for name, v in (("d_model", d_model), ("d_ff", d_ff), ("n_experts", n_experts), ("k", k)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -130,13 +141,35 @@ class MoE(nn.Module):
         self.d_model, self.d_ff, self.n_experts, self.k, self.n_shared = d_model, d_ff, n_experts, k, n_shared
         self.route_kwargs = dict(score=score, n_groups=n_groups, topk_groups=topk_groups, capacity_factor=capacity_factor,
                                  drop_policy=drop_policy, normalize=normalize, scale=scale)  # fmt: skip
+        # expert parallelism: this rank's block of experts (the whole range without a group)
+        self._ep_group: Any = None
+        self.ep_world_size, self.ep_rank, self.n_local_experts = 1, 0, n_experts
+        if expert_parallel_group is not None:
+            import torch.distributed as dist
+
+            from .expert_parallel import resolve_group
+
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("expert_parallel_group needs torch.distributed initialised (init_process_group)")
+            self._ep_group = resolve_group(expert_parallel_group)
+            self.ep_world_size = dist.get_world_size(self._ep_group)
+            self.ep_rank = dist.get_rank(self._ep_group)
+            if n_experts % self.ep_world_size:
+                raise ValueError(f"n_experts={n_experts} must be divisible by the expert_parallel_group size "
+                                 f"{self.ep_world_size}")  # fmt: skip
+            self.n_local_experts = n_experts // self.ep_world_size
+            if process_group is None:  # the replicated bias must see the counts of every rank routing with it
+                process_group = self._ep_group
+        self.expert_offset = self.ep_rank * self.n_local_experts
+        self._ep_checked = False
         self.balancer = LoadBalancer(n_experts, method=balancer, rate=rate, ema=ema, process_group=process_group)
         self.aux_loss_coef = aux_loss_coef
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
+        el = self.n_local_experts
         self.gate = nn.Parameter(torch.empty(n_experts, d_model, **fk))
-        self.w1 = nn.Parameter(torch.empty(n_experts, d_ff, d_model, **fk))
-        self.w3 = nn.Parameter(torch.empty(n_experts, d_ff, d_model, **fk))
-        self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_ff, **fk))
+        self.w1 = nn.Parameter(torch.empty(el, d_ff, d_model, **fk))
+        self.w3 = nn.Parameter(torch.empty(el, d_ff, d_model, **fk))
+        self.w2 = nn.Parameter(torch.empty(el, d_model, d_ff, **fk))
         self.expert_bias: torch.Tensor
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32, device=device))
         if n_shared:
@@ -155,16 +188,27 @@ class MoE(nn.Module):
             nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         self.expert_bias.zero_()
 
+    @property
+    def expert_parallel_group(self) -> Any:
+        """The expert-parallel process group (None: every expert is local)."""
+        return self._ep_group
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., d_model]`` -> ``[..., d_model]``."""
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x has last dimension {x.shape[-1]}, expected d_model={self.d_model}")
-        h = x.reshape(-1, self.d_model)
-        logits = h @ self.gate.t()
-        bias = self.expert_bias if self.balancer.method == "aux_free" else None
-        plan = route(logits, self.k, bias=bias, **self.route_kwargs)  # type: ignore[arg-type]
-        yp = grouped_swiglu(permute(h, plan), plan.offsets, self.w1, self.w3, self.w2)
-        y = unpermute(yp, plan)
+        """``x [..., d_model]`` -> ``[..., d_model]``. With an ``expert_parallel_group`` this is a collective:
+        every rank of the group calls it (and its backward), each with its own tokens (any count, zero too)."""
+        if self._ep_group is not None:
+            from .expert_parallel import ep_forward
+
+            y, plan, logits, h = ep_forward(self, x)
+        else:
+            if x.shape[-1] != self.d_model:
+                raise ValueError(f"x has last dimension {x.shape[-1]}, expected d_model={self.d_model}")
+            h = x.reshape(-1, self.d_model)
+            logits = h @ self.gate.t()
+            bias = self.expert_bias if self.balancer.method == "aux_free" else None
+            plan = route(logits, self.k, bias=bias, **self.route_kwargs)  # type: ignore[arg-type]
+            yp = grouped_swiglu(permute(h, plan), plan.offsets, self.w1, self.w3, self.w2)
+            y = unpermute(yp, plan)
         if self.n_shared:
             y = y + _swiglu(h, self.s1, self.s3, self.s2)
         if self.balancer.method == "aux_loss":
@@ -190,6 +234,30 @@ class MoE(nn.Module):
     def balance_stats(self) -> dict[str, float]:
         """Imbalance report of the last balancer step (see :meth:`LoadBalancer.stats`)."""
         return self.balancer.stats()
+
+    def full_state_dict(self, dst: int = 0) -> dict[str, torch.Tensor] | None:
+        """The state with every expert (``w1``/``w3`` ``[E, d_ff, d]``, ``w2 [E, d, d_ff]``), loadable into a
+        one-process layer of the same configuration. Expert parallel: a collective gathering the experts to
+        group rank ``dst`` (the others get None); otherwise ``state_dict()``."""
+        if self._ep_group is None:
+            return {k: v.detach().clone() for k, v in self.state_dict().items()}
+        from .expert_parallel import full_state_dict
+
+        return full_state_dict(self, dst)
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state with every expert (from :meth:`full_state_dict` or a one-process layer): replicated
+        tensors as they are, this rank's slice ``[expert_offset, expert_offset + n_local_experts)`` of the
+        experts."""
+        lo, hi = self.expert_offset, self.expert_offset + self.n_local_experts
+        local = {}
+        for name, t in state.items():
+            if name in ("w1", "w2", "w3"):
+                if t.shape[0] != self.n_experts:
+                    raise ValueError(f"state[{name!r}] has {t.shape[0]} experts, expected n_experts={self.n_experts}")
+                t = t[lo:hi]
+            local[name] = t
+        self.load_state_dict(local)
 
 
 __all__ = ["MoE", "grouped_swiglu"]
