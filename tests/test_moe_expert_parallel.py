@@ -179,6 +179,11 @@ def _checks(rank: int, world: int) -> dict:
                                capacity_factor=0.6)  # fmt: skip
     out["capacity_position"] = _compare(rank, world, [12] * world, chunked_ref=True, seed=40, capacity_factor=0.5,
                                         drop_policy="position")  # fmt: skip
+    # balancer="aux_loss": each rank's loss is the Switch loss of its own routed tokens (as in data parallel)
+    ref, ep = _layers(rank, world, balancer="aux_loss")
+    x = _batches([5 + r for r in range(world)], 45)[rank]
+    ep(x), ref(x)
+    out["aux_loss"] = (ep.aux_loss - ref.aux_loss).abs().item()
     # the same call twice gives the same bits
     _, ep = _layers(rank, world)
     x = _batches([7] * world, 50)[rank]
@@ -279,6 +284,7 @@ def test_expert_parallel_matches_one_process(world):
             assert got == want, (r, case)  # counts summed across the group
         assert res["deterministic"] and res["shape3d"] and res["local_shapes"] and res["full_state"], r
         assert res["after_errors"] and res["no_grad"], r
+        assert res["aux_loss"] <= TOL, r
     # the single-token rank (dropless case) routes to k experts only: zero rows for the others
     small = results[1 if world == 2 else 3]["dropless"]["local_counts"]
     assert sum(small) == K and small.count(0) == E - K

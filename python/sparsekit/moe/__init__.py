@@ -5,6 +5,9 @@
 - :func:`permute` / :func:`unpermute`: deterministic gather-based dispatch and combine.
 - :class:`MoE`: SwiGLU experts over contiguous slices; ``balancer_step()``, ``last_counts()``.
 - :class:`LoadBalancer` and the balance losses.
+- :mod:`sparsekit.moe.expert_parallel`: ``MoE(..., expert_parallel_group=group)`` splits the experts over
+  the ranks of a process group (tokens travel by all-to-all); :func:`all_to_all` is its differentiable
+  exchange.
 """
 
 from ._dispatch import permute, unpermute
@@ -19,15 +22,19 @@ from .balance import (
     switch_loss,
     z_loss,
 )
+from . import expert_parallel
+from .expert_parallel import all_to_all
 from .layer import MoE, grouped_swiglu
 
 __all__ = [
     "LoadBalancer",
     "MoE",
     "RoutingPlan",
+    "all_to_all",
     "capacity_for",
     "device_balance_loss",
     "entropy_loss",
+    "expert_parallel",
     "grouped_swiglu",
     "gshard_loss",
     "permute",

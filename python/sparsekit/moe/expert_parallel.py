@@ -191,8 +191,9 @@ def ep_forward(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Te
     torch.cumsum(recv_counts.sum(0), 0, out=off[1:])  # host tensor: the experts' loop needs no sync
     from .layer import grouped_swiglu
 
-    ye = grouped_swiglu(_Reorder.apply(xr, perm.to(dev), inv.to(dev)), off, layer.w1, layer.w3, layer.w2)
-    yb = _AllToAll.apply(_Reorder.apply(ye, inv.to(dev), perm.to(dev)), send, recv_splits, group)
+    perm, inv = perm.to(dev, non_blocking=True), inv.to(dev, non_blocking=True)  # host -> device: no sync
+    ye = grouped_swiglu(_Reorder.apply(xr, perm, inv), off, layer.w1, layer.w3, layer.w2)
+    yb = _AllToAll.apply(_Reorder.apply(ye, inv, perm), send, recv_splits, group)
     n_slots = xp.shape[0]
     if n_slots > n_kept:  # dropped slots: zero rows (the combine multiplies them by kept = 0)
         yb = torch.cat([yb, yb.new_zeros((n_slots - n_kept,) + tuple(yb.shape[1:]))])
