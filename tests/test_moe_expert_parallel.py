@@ -16,6 +16,8 @@ import traceback
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsekit import moe
 from sparsekit.moe.expert_parallel import expert_major_index, send_split_sizes
@@ -58,6 +60,20 @@ def test_expert_major_index_against_loop(rc):
     assert perm.tolist() == _expert_major_reference(rc)
     n = int(rc.sum())
     assert torch.equal(perm[inv], torch.arange(n)) and torch.equal(inv[perm], torch.arange(n))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5).flatmap(lambda w: st.integers(1, 4).flatmap(
+    lambda el: st.lists(st.integers(0, 6), min_size=w * el, max_size=w * el).map(lambda v: (w, el, v)))))
+def test_split_sizes_and_expert_major_index_property(case):
+    w, el, v = case
+    counts = torch.tensor(v)  # one rank's per-expert counts, E = w * el
+    sends = send_split_sizes(counts, w)
+    assert sends == [sum(v[r * el : (r + 1) * el]) for r in range(w)]
+    rc = counts.view(w, el)  # the same numbers read as received counts [W, E_local]
+    perm, inv = expert_major_index(rc)
+    assert perm.tolist() == _expert_major_reference(rc)
+    assert torch.equal(inv[perm], torch.arange(int(rc.sum())))
 
 
 def test_expert_major_index_bad_input():
@@ -195,7 +211,8 @@ def _checks(rank: int, world: int) -> dict:
     out["local_shapes"] = tuple(ep.state_dict()["w1"].shape) == (E // world, F, D)
     full = ep.full_state_dict()
     if rank == 0:
-        out["full_state"] = all(torch.equal(full[n], t) for n, t in ref.state_dict().items()) and full.keys() == ref.state_dict().keys()
+        want = ref.state_dict()
+        out["full_state"] = full.keys() == want.keys() and all(torch.equal(full[n], t) for n, t in want.items())
     else:
         out["full_state"] = full is None
     # bad input on one rank only: every rank raises, none hangs

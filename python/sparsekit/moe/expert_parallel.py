@@ -159,7 +159,8 @@ def ep_forward(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Te
         counts = plan.counts.to(torch.int64)
         code = _DTYPE_CODES[x.dtype]
         on = torch.is_grad_enabled()
-        grad = int(on and xp.requires_grad) | 2 * int(on and any(w.requires_grad for w in (layer.w1, layer.w3, layer.w2)))
+        w_grad = any(w.requires_grad for w in (layer.w1, layer.w3, layer.w2))
+        grad = int(on and xp.requires_grad) | 2 * int(on and w_grad)
     except Exception as e:  # reported to every rank through the counts exchange below, then raised
         err, counts, code, grad = e, torch.zeros(E, dtype=torch.int64, device=dev), 0, 0
     header = torch.tensor([1 if err is not None else 0, E, layer.d_model, layer.d_ff, layer.k, code, grad],

@@ -115,8 +115,9 @@ class MoE(nn.Module):
     materialised) and tokens travel to their experts' ranks by all-to-all (see
     :mod:`sparsekit.moe.expert_parallel`). The router (``gate``), the shared experts and ``expert_bias`` are
     replicated and must start equal on every rank; their gradients are per-rank and need the data-parallel
-    all-reduce (DDP or :class:`sparsekit.comm.GradientSync`). Without ``process_group`` the balancer sums
-    counts over the expert-parallel group. ``state_dict()`` holds this rank's experts;
+    all-reduce (DDP or :class:`sparsekit.comm.GradientSync`; keep the experts out of it, and if it averages
+    over ``W`` ranks divide the expert gradients by ``W`` too: see docs/moe.md). Without ``process_group``
+    the balancer sums counts over the expert-parallel group. ``state_dict()`` holds this rank's experts;
     :meth:`full_state_dict` gathers all of them, :meth:`load_full_state_dict` loads this rank's slice.
 
     After a forward: :attr:`last_plan` (the :class:`RoutingPlan`), :meth:`last_counts` (tokens per
