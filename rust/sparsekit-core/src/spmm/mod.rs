@@ -20,6 +20,7 @@
 
 mod elem;
 mod kernel;
+mod pages;
 
 use rayon::prelude::*;
 
@@ -28,6 +29,7 @@ pub use elem::Elem;
 use crate::error::CoreError;
 use crate::pool;
 use kernel::{micro, pack_blocks, Isa, Tile};
+use pages::prefer_huge_pages;
 
 /// Block-sparse layout of an `[n, k]` matrix with `bh x bw` blocks (borrowed index arrays).
 #[derive(Clone, Copy, Debug)]
@@ -287,6 +289,7 @@ fn pack_all<T: Elem>(isa: Isa, values: &[T], bh: usize, bw: usize, transpose: bo
     let bs = bh * bw;
     let nr0 = isa.nr(if transpose { bh } else { bw });
     let mut packed = vec![0f32; values.len()];
+    prefer_huge_pages(&mut packed);
     if bs > 0 {
         packed
             .par_chunks_mut(bs * 64)
@@ -320,6 +323,7 @@ fn linear_on<T: Elem>(
     }
     let seg_off: Vec<usize> = l.row_offsets.iter().map(|&o| o as usize).collect();
     let pairs: Vec<(usize, usize)> = (0..l.nnz()).map(|b| (l.col_indices[b] as usize * l.bw, b * bs)).collect();
+    prefer_huge_pages(y);
     pool::run(|| {
         let packed = pack_all(isa, values, l.bh, l.bw, true);
         dsd(isa, x, m, l.k, &seg_off, &pairs, l.bh, l.bw, &packed, y, l.n);
@@ -358,6 +362,7 @@ fn linear_grad_input_on<T: Elem>(
     let seg_off: Vec<usize> = l.t_offsets.iter().map(|&o| o as usize).collect();
     let pairs: Vec<(usize, usize)> =
         (0..l.nnz()).map(|j| (l.t_row_indices[j] as usize * l.bh, l.t_perm[j] as usize * bs)).collect();
+    prefer_huge_pages(dx);
     pool::run(|| {
         let packed = pack_all(isa, values, l.bh, l.bw, false);
         dsd(isa, dy, m, l.n, &seg_off, &pairs, l.bw, l.bh, &packed, dx, l.k);
@@ -370,6 +375,7 @@ fn linear_grad_input_on<T: Elem>(
 /// Blocks not in `used` are left unwritten. A raw copy in the operand's own type (half stays half).
 fn split_columns<T: Elem>(a: &[T], m: usize, cols: usize, width: usize, used: &[bool]) -> Vec<T> {
     let mut out = vec![T::ZERO; m * cols];
+    prefer_huge_pages(&mut out);
     let optr = Shared(out.as_mut_ptr());
     let nb = cols / width;
     (0..m.div_ceil(64)).into_par_iter().for_each(|t| {
@@ -423,6 +429,7 @@ fn sdd_on<T: Elem>(isa: Isa, l: &Layout<'_>, a: &[T], b: &[T], m: usize, out: &m
     for &c in l.col_indices {
         used_c[c as usize] = true;
     }
+    prefer_huge_pages(out);
     let optr = Shared(out.as_mut_ptr());
     let one = [(0usize, 0usize)];
     let is_f32 = T::as_f32(a).is_some();
