@@ -194,11 +194,16 @@ def bsr_kernel(
     shape: tuple[int, int],
     block: tuple[int, int],
     layout: Sequence[npt.NDArray[np.int64]],
-    a: npt.NDArray[np.float32],
-    b: npt.NDArray[np.float32],
+    a: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    b: npt.NDArray[np.float32] | npt.NDArray[np.int16],
     m: int,
-    out: npt.NDArray[np.float32],
-) -> None: ...
+    out: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dtype: str = "float32",
+) -> None:
+    """Run the block-sparse kernel ``op`` ("linear", "linear_grad_input" or "sdd") with the GIL released.
+    ``dtype`` "float32" takes float32 arrays; "float16" / "bfloat16" take int16 views of the raw bits
+    (accumulated in float32, ``out`` rounded once to nearest even). An array of another dtype is a
+    ``ValueError`` naming it."""
 # (end of spmm)
 
 # ---- sparsity (rust/sparsekit-py/src/sparsity.rs) ----

@@ -4,7 +4,8 @@ Public, differentiable: :func:`bsr_linear` (``x @ W^T + b``), :func:`bsr_matmul`
 (the blocks of ``a^T @ b`` at a layout). Each is a ``torch.ops.sparsekit.*`` custom op with a fake (meta)
 implementation and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces through
 them without graph breaks. The kernels behind them come from a backend per device: "cpu" is the Rust
-core (float32, and float16/bfloat16 through float32; float64 takes a dense torch reference path), CUDA tensors and CPU tensors inside
+core (float32, and float16/bfloat16 read as raw bits with float32 accumulation; float64 takes a dense torch
+reference path), CUDA tensors and CPU tensors inside
 ``sparsekit.testing.simulated_cuda()`` take the CUDA kernels.
 """
 
@@ -61,45 +62,74 @@ def _kernel_input(backend: Any, t: Tensor) -> Tensor:
     return t if t.dtype in getattr(backend, "native_half", ()) else _f32(t)
 
 
+_KERNEL_TAGS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _bits(t: Tensor) -> Any:
+    """A flat numpy view of ``t`` for the Rust kernels: float32 as is, float16/bfloat16 as int16 views of
+    their raw bits (numpy has no bfloat16; nothing is converted or copied for a contiguous tensor)."""
+    flat = t.detach().contiguous().reshape(-1)
+    return (flat.view(torch.int16) if t.dtype in _HALF else flat).numpy()
+
+
 class _CpuBackend:
-    """Rust f32 kernels (float16/bfloat16 reach them as float32: see ``_f32``); other dtypes (float64, for
-    gradcheck) use a plain torch reference (dense gather)."""
+    """Rust kernels for float32, float16 and bfloat16 (``native_half``: the half tensors reach the kernels
+    as they are, read as raw bits, accumulated in float32 and rounded once into a result of their own
+    dtype); other dtypes (float64, for gradcheck) use a plain torch reference (dense gather)."""
+
+    native_half = _HALF
 
     def _layout(self, w: Any) -> list:
         return [_np(w.row_offsets), _np(w.col_indices), _np(w.t_offsets), _np(w.t_perm), _np(w.t_row_indices)]
 
+    @staticmethod
+    def _tag(t: Tensor, arg: str, other: Tensor, other_arg: str) -> Optional[str]:
+        """The kernel dtype tag of ``t`` (``None``: the reference path); ``other`` must share its dtype."""
+        if other.dtype != t.dtype:
+            raise ValueError(f"{other_arg}: dtype {other.dtype} does not match {arg}'s {t.dtype}")
+        return _KERNEL_TAGS.get(t.dtype)
+
+    @staticmethod
+    def _out(numel: int, dtype: torch.dtype) -> Tensor:
+        return torch.empty(numel, dtype=dtype)
+
     def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         """``x @ W^T``."""
-        if x.dtype != torch.float32:
+        tag = self._tag(x, "x", w.values, "W.values")
+        if tag is None:
             return x @ _dense(w).to(x.dtype).T
         from sparsekit import _core
-        out = np.empty(x.shape[0] * w.shape[0], dtype=np.float32)
-        _core.bsr_kernel("linear", w.shape, w.block, self._layout(w), _np(x), _np(w.values), x.shape[0], out)
-        return torch.from_numpy(out).reshape(x.shape[0], w.shape[0])
+        out = self._out(x.shape[0] * w.shape[0], x.dtype)
+        _core.bsr_kernel("linear", w.shape, w.block, self._layout(w), _bits(x), _bits(w.values), x.shape[0],
+                         _bits(out), tag)
+        return out.reshape(x.shape[0], w.shape[0])
 
     def linear_grad_input(self, dy: torch.Tensor, w: Any) -> torch.Tensor:
         """``dy @ W``."""
-        if dy.dtype != torch.float32:
+        tag = self._tag(dy, "dy", w.values, "W.values")
+        if tag is None:
             return dy @ _dense(w).to(dy.dtype)
         from sparsekit import _core
-        out = np.empty(dy.shape[0] * w.shape[1], dtype=np.float32)
-        _core.bsr_kernel("linear_grad_input", w.shape, w.block, self._layout(w), _np(dy), _np(w.values),
-                         dy.shape[0], out)
-        return torch.from_numpy(out).reshape(dy.shape[0], w.shape[1])
+        out = self._out(dy.shape[0] * w.shape[1], dy.dtype)
+        _core.bsr_kernel("linear_grad_input", w.shape, w.block, self._layout(w), _bits(dy), _bits(w.values),
+                         dy.shape[0], _bits(out), tag)
+        return out.reshape(dy.shape[0], w.shape[1])
 
     def sdd(self, a: torch.Tensor, b: torch.Tensor, w: Any) -> torch.Tensor:
         """Blocks ``a[:, r]^T @ b[:, c]`` of the layout of ``w``, shape ``[nnz, bh, bw]``."""
         bh, bw = w.block
-        if a.dtype != torch.float32:
+        tag = self._tag(a, "a", b, "b")
+        if tag is None:
             full = a.T @ b
             n, k = w.shape
             blocks = full.reshape(n // bh, bh, k // bw, bw).transpose(1, 2)
             rows = block_rows(w.row_offsets, w.nnz_blocks)
             return blocks[rows, w.col_indices]
         from sparsekit import _core
-        out = np.empty(w.nnz_blocks * bh * bw, dtype=np.float32)
-        _core.bsr_kernel("sdd", w.shape, w.block, self._layout(w), _np(a), _np(b), a.shape[0], out)
-        return torch.from_numpy(out).reshape(w.nnz_blocks, bh, bw)
+        out = self._out(w.nnz_blocks * bh * bw, a.dtype)
+        _core.bsr_kernel("sdd", w.shape, w.block, self._layout(w), _bits(a), _bits(b), a.shape[0], _bits(out),
+                         tag)
+        return out.reshape(w.nnz_blocks, bh, bw)
 
 
 register_backend("cpu", _CpuBackend())

@@ -10,6 +10,8 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::elem::Elem;
+
 /// Widest micro-tile (columns) of any kernel.
 pub const NR_MAX: usize = 32;
 
@@ -82,13 +84,6 @@ impl Isa {
         }
     }
 }
-
-/// A raw output pointer shared by tasks that write disjoint tiles.
-#[derive(Clone, Copy)]
-pub struct OutPtr(pub *mut f32);
-// SAFETY: every task writes a disjoint set of elements (the drivers partition the output).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// One micro-tile: step `kk` of pair `(ka, bo)` reads row `i` of A at `a + (ka + kk) * lda + i * sa` and
 /// B at `b + bo + kk * ldb` (`cols` floats); the `rows x cols` result goes to `c` (row stride `ldc`),
@@ -268,7 +263,8 @@ unsafe fn micro_scalar_fma<const R: usize>(t: &Tile<'_>) {
 /// With `transpose`, B is the block transposed (`[bw][bh]`, output columns run over `bh`: DSD forward);
 /// without, B is the block itself (`[bh][bw]`, output columns over `bw`: dX). Panel `jp` of block `b`
 /// starts at `b * bh * bw + jp * nr0 * depth` and holds `[depth][min(nr0, width - jp * nr0)]`.
-pub fn pack_blocks(values: &[f32], bh: usize, bw: usize, transpose: bool, nr0: usize, out: &mut [f32]) {
+/// float16 / bfloat16 blocks are widened to f32 here, as they are packed (exact).
+pub fn pack_blocks<T: Elem>(values: &[T], bh: usize, bw: usize, transpose: bool, nr0: usize, out: &mut [f32]) {
     let bs = bh * bw;
     let (depth, width) = if transpose { (bw, bh) } else { (bh, bw) };
     for (v, o) in values.chunks_exact(bs).zip(out.chunks_exact_mut(bs)) {
@@ -278,7 +274,7 @@ pub fn pack_blocks(values: &[f32], bh: usize, bw: usize, transpose: bool, nr0: u
             for kk in 0..depth {
                 for j in 0..nr {
                     // B[kk][j0 + j]: W[j0 + j][kk] transposed, W[kk][j0 + j] otherwise.
-                    dst[kk * nr + j] = if transpose { v[(j0 + j) * bw + kk] } else { v[kk * bw + j0 + j] };
+                    dst[kk * nr + j] = if transpose { v[(j0 + j) * bw + kk] } else { v[kk * bw + j0 + j] }.to_f32();
                 }
             }
         }

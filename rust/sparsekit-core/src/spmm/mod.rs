@@ -6,7 +6,8 @@
 //! blocks in block-column order: column `c` holds `t_offsets[c]..t_offsets[c + 1]`, entry `j` is block
 //! `t_perm[j]` (an index into the row-ordered blocks) lying in block-row `t_row_indices[j]`.
 //!
-//! Kernels (all f32, dense operands row-major and contiguous):
+//! Kernels (f32 arithmetic; operands f32, or float16 / bfloat16 as raw bits: see [`Elem`]; dense operands
+//! row-major and contiguous):
 //! * [`linear`]: `y[m, n] = x[m, k] @ W^T` (DSD forward),
 //! * [`linear_grad_input`]: `dx[m, k] = dy[m, n] @ W` (via the transpose metadata),
 //! * [`sdd`]: `out[b] = a[:, r-block]^T @ b[:, c-block]` for every stored block `b = (r, c)`.
@@ -17,13 +18,18 @@
 //! at run time (the wheel targets baseline x86-64), with a scalar fallback. Tiles are fixed sizes, so
 //! results never depend on the thread count.
 
+mod elem;
 mod kernel;
+mod pages;
 
 use rayon::prelude::*;
 
+pub use elem::Elem;
+
 use crate::error::CoreError;
 use crate::pool;
-use kernel::{micro, pack_blocks, Isa, OutPtr, Tile};
+use kernel::{micro, pack_blocks, Isa, Tile};
+use pages::prefer_huge_pages;
 
 /// Block-sparse layout of an `[n, k]` matrix with `bh x bw` blocks (borrowed index arrays).
 #[derive(Clone, Copy, Debug)]
@@ -156,13 +162,46 @@ fn strip_rows(kd: usize, mr: usize) -> usize {
     (STRIP_FLOATS / kd.max(1) / mr * mr).clamp(mr, 32 * mr)
 }
 
+/// A raw pointer into an output that tasks write in disjoint parts.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: every task writes a disjoint set of elements (the drivers partition the output).
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+/// Per-thread f32 buffers of the half-precision paths: a widened strip of the dense operand, a widened
+/// operand panel, finished f32 tiles before rounding. Reused across tasks and calls, so the half paths
+/// allocate nothing per task (the tasks never re-enter rayon, so the borrow is never nested).
+#[derive(Default)]
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
 /// `out[m, ldc]` columns `[s * width, (s + 1) * width)` = `a[m, kd] @ B_s` where segment `s` is the sum
 /// over its pairs `(ka, bo)` of `a[:, ka..ka + depth] @ block(bo)`; blocks packed by [`pack_blocks`]
 /// with panels `isa.nr(width)` wide.
+///
+/// f32 `a` is read in place and `out` written in place. For float16 / bfloat16 each task widens its strip
+/// of `a` (at most `STRIP_FLOATS`, L2-sized) into a per-thread buffer, computes its tiles into a second
+/// f32 buffer exactly as the f32 path would (same micro-kernel, same pairs, same order) and rounds them
+/// once into `out`: the result is the f32 path's on the widened inputs, rounded, bit for bit.
 #[allow(clippy::too_many_arguments)]
-fn dsd(
+fn dsd<T: Elem>(
     isa: Isa,
-    a: &[f32],
+    a: &[T],
     m: usize,
     kd: usize,
     seg_off: &[usize],
@@ -170,7 +209,7 @@ fn dsd(
     width: usize,
     depth: usize,
     packed: &[f32],
-    out: &mut [f32],
+    out: &mut [T],
     ldc: usize,
 ) {
     let (mr0, nr0) = (isa.mr(), isa.nr(width));
@@ -179,46 +218,78 @@ fn dsd(
     let strips = m.div_ceil(mc);
     let groups = TASKS.div_ceil(strips).clamp(1, nseg.max(1));
     let per = nseg.div_ceil(groups);
-    let optr = OutPtr(out.as_mut_ptr());
+    let a32 = T::as_f32(a);
+    let optr = Shared(out.as_mut_ptr());
     (0..strips * groups).into_par_iter().for_each(|t| {
         let (s, g) = (t / groups, t % groups);
         let (row0, rows) = (s * mc, mc.min(m - s * mc));
+        let (seg0, seg1) = ((g * per).min(nseg), ((g + 1) * per).min(nseg));
+        if seg0 == seg1 {
+            return;
+        }
         let optr = optr;
-        for seg in g * per..((g + 1) * per).min(nseg) {
-            let pr = &pairs[seg_off[seg]..seg_off[seg + 1]];
-            for j0 in (0..width).step_by(nr0) {
-                let cols = nr0.min(width - j0);
-                for r0 in (0..rows).step_by(mr0) {
-                    let mr = mr0.min(rows - r0);
-                    // SAFETY: the layout was validated, so every pair reaches inside `a` and `packed`;
-                    // this task alone writes rows [row0, row0 + rows) x its segments' columns of `out`.
-                    unsafe {
-                        let tile = Tile {
-                            a: a.as_ptr().add((row0 + r0) * kd),
-                            lda: 1,
-                            sa: kd,
-                            pairs: pr,
-                            depth,
-                            b: packed.as_ptr().add(j0 * depth),
-                            ldb: cols,
-                            c: optr.0.add((row0 + r0) * ldc + seg * width + j0),
-                            ldc,
-                            cols,
-                            add: false,
-                        };
-                        micro(isa, nr0, mr, &tile);
+        // `tiles(a_strip, c, ldc_c)`: every micro-tile of this task; row r0 of the strip is `a_strip +
+        // r0 * kd`, output row r0 / segment seg at `c + r0 * ldc_c + (seg - seg0) * width`.
+        let tiles = |ap: *const f32, c: *mut f32, ldc_c: usize| {
+            for seg in seg0..seg1 {
+                let pr = &pairs[seg_off[seg]..seg_off[seg + 1]];
+                for j0 in (0..width).step_by(nr0) {
+                    let cols = nr0.min(width - j0);
+                    for r0 in (0..rows).step_by(mr0) {
+                        let mr = mr0.min(rows - r0);
+                        // SAFETY: the layout was validated, so every pair reaches inside the strip and
+                        // `packed`; `c` spans this task's rows x segments, written by this task alone.
+                        unsafe {
+                            let tile = Tile {
+                                a: ap.add(r0 * kd),
+                                lda: 1,
+                                sa: kd,
+                                pairs: pr,
+                                depth,
+                                b: packed.as_ptr().add(j0 * depth),
+                                ldb: cols,
+                                c: c.add(r0 * ldc_c + (seg - seg0) * width + j0),
+                                ldc: ldc_c,
+                                cols,
+                                add: false,
+                            };
+                            micro(isa, nr0, mr, &tile);
+                        }
                     }
                 }
             }
+        };
+        match a32 {
+            Some(a) => {
+                // SAFETY: row0 + rows <= m and seg0 * width + (seg1 - seg0) * width <= ldc.
+                let c = unsafe { optr.0.add(row0 * ldc + seg0 * width) } as *mut f32;
+                tiles(a[row0 * kd..].as_ptr(), c, ldc)
+            }
+            None => SCRATCH.with(|cell| {
+                let sc = &mut *cell.borrow_mut();
+                let ncols = (seg1 - seg0) * width;
+                let strip = sized(&mut sc.a, rows * kd);
+                T::widen(&a[row0 * kd..(row0 + rows) * kd], strip);
+                let cbuf = sized(&mut sc.c, rows * ncols);
+                tiles(strip.as_ptr(), cbuf.as_mut_ptr(), ncols);
+                for r in 0..rows {
+                    // SAFETY: row row0 + r, columns [seg0 * width, seg1 * width) of `out` belong to this task.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(optr.0.add((row0 + r) * ldc + seg0 * width), ncols)
+                    };
+                    T::narrow(&cbuf[r * ncols..(r + 1) * ncols], dst);
+                }
+            }),
         }
     });
 }
 
-/// Blocks packed for [`dsd`], in parallel.
-fn pack_all(isa: Isa, values: &[f32], bh: usize, bw: usize, transpose: bool) -> Vec<f32> {
+/// Blocks packed for [`dsd`] (widened to f32), in parallel.
+fn pack_all<T: Elem>(isa: Isa, values: &[T], bh: usize, bw: usize, transpose: bool) -> Vec<f32> {
     let bs = bh * bw;
     let nr0 = isa.nr(if transpose { bh } else { bw });
     let mut packed = vec![0f32; values.len()];
+    prefer_huge_pages(&mut packed);
     if bs > 0 {
         packed
             .par_chunks_mut(bs * 64)
@@ -228,12 +299,20 @@ fn pack_all(isa: Isa, values: &[f32], bh: usize, bw: usize, transpose: bool) -> 
     packed
 }
 
-/// `y[m, n] = x[m, k] @ W^T`; `y` is overwritten.
-pub fn linear(l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &mut [f32]) -> Result<(), CoreError> {
+/// `y[m, n] = x[m, k] @ W^T`; `y` is overwritten. `T` is f32, `half::f16` or `half::bf16` (then the
+/// products are accumulated in f32 and `y` rounded once).
+pub fn linear<T: Elem>(l: &Layout<'_>, values: &[T], x: &[T], m: usize, y: &mut [T]) -> Result<(), CoreError> {
     linear_on(Isa::detect(), l, values, x, m, y)
 }
 
-fn linear_on(isa: Isa, l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &mut [f32]) -> Result<(), CoreError> {
+fn linear_on<T: Elem>(
+    isa: Isa,
+    l: &Layout<'_>,
+    values: &[T],
+    x: &[T],
+    m: usize,
+    y: &mut [T],
+) -> Result<(), CoreError> {
     l.validate()?;
     let bs = l.bh * l.bw;
     check_len("values", values.len(), l.nnz() * bs)?;
@@ -244,6 +323,7 @@ fn linear_on(isa: Isa, l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &
     }
     let seg_off: Vec<usize> = l.row_offsets.iter().map(|&o| o as usize).collect();
     let pairs: Vec<(usize, usize)> = (0..l.nnz()).map(|b| (l.col_indices[b] as usize * l.bw, b * bs)).collect();
+    prefer_huge_pages(y);
     pool::run(|| {
         let packed = pack_all(isa, values, l.bh, l.bw, true);
         dsd(isa, x, m, l.k, &seg_off, &pairs, l.bh, l.bw, &packed, y, l.n);
@@ -251,24 +331,25 @@ fn linear_on(isa: Isa, l: &Layout<'_>, values: &[f32], x: &[f32], m: usize, y: &
     })
 }
 
-/// `dx[m, k] = dy[m, n] @ W`, walking W's blocks by column through the transpose metadata; `dx` is overwritten.
-pub fn linear_grad_input(
+/// `dx[m, k] = dy[m, n] @ W`, walking W's blocks by column through the transpose metadata; `dx` is
+/// overwritten. Element types as for [`linear`].
+pub fn linear_grad_input<T: Elem>(
     l: &Layout<'_>,
-    values: &[f32],
-    dy: &[f32],
+    values: &[T],
+    dy: &[T],
     m: usize,
-    dx: &mut [f32],
+    dx: &mut [T],
 ) -> Result<(), CoreError> {
     linear_grad_input_on(Isa::detect(), l, values, dy, m, dx)
 }
 
-fn linear_grad_input_on(
+fn linear_grad_input_on<T: Elem>(
     isa: Isa,
     l: &Layout<'_>,
-    values: &[f32],
-    dy: &[f32],
+    values: &[T],
+    dy: &[T],
     m: usize,
-    dx: &mut [f32],
+    dx: &mut [T],
 ) -> Result<(), CoreError> {
     l.validate()?;
     let bs = l.bh * l.bw;
@@ -281,6 +362,7 @@ fn linear_grad_input_on(
     let seg_off: Vec<usize> = l.t_offsets.iter().map(|&o| o as usize).collect();
     let pairs: Vec<(usize, usize)> =
         (0..l.nnz()).map(|j| (l.t_row_indices[j] as usize * l.bh, l.t_perm[j] as usize * bs)).collect();
+    prefer_huge_pages(dx);
     pool::run(|| {
         let packed = pack_all(isa, values, l.bh, l.bw, false);
         dsd(isa, dy, m, l.n, &seg_off, &pairs, l.bw, l.bh, &packed, dx, l.k);
@@ -290,17 +372,18 @@ fn linear_grad_input_on(
 
 /// Column blocks of the row-major `a [m, cols]`, each `width` wide, laid out one after another, each
 /// `[m][width]` contiguous: SDD then streams its operands instead of gathering rows 4 KiB apart.
-/// Blocks not in `used` are left unwritten.
-fn split_columns(a: &[f32], m: usize, cols: usize, width: usize, used: &[bool]) -> Vec<f32> {
-    let mut out = vec![0f32; m * cols];
-    let optr = OutPtr(out.as_mut_ptr());
+/// Blocks not in `used` are left unwritten. A raw copy in the operand's own type (half stays half).
+fn split_columns<T: Elem>(a: &[T], m: usize, cols: usize, width: usize, used: &[bool]) -> Vec<T> {
+    let mut out = vec![T::ZERO; m * cols];
+    prefer_huge_pages(&mut out);
+    let optr = Shared(out.as_mut_ptr());
     let nb = cols / width;
     (0..m.div_ceil(64)).into_par_iter().for_each(|t| {
         let optr = optr;
         for row in t * 64..(t * 64 + 64).min(m) {
             for c in (0..nb).filter(|&c| used[c]) {
                 let src = &a[row * cols + c * width..row * cols + c * width + width];
-                // SAFETY: (row, c) is written by this task only, inside `out` (m * cols floats).
+                // SAFETY: (row, c) is written by this task only, inside `out` (m * cols elements).
                 unsafe {
                     std::ptr::copy_nonoverlapping(src.as_ptr(), optr.0.add(c * m * width + row * width), width);
                 }
@@ -311,12 +394,13 @@ fn split_columns(a: &[f32], m: usize, cols: usize, width: usize, used: &[bool]) 
 }
 
 /// `out[b] = a[:, r-block]^T @ b[:, c-block]` for every stored block `b = (r, c)`; `a` is `[m, n]`,
-/// `b` is `[m, k]`, `out` is `[nnz, bh, bw]` (overwritten).
-pub fn sdd(l: &Layout<'_>, a: &[f32], b: &[f32], m: usize, out: &mut [f32]) -> Result<(), CoreError> {
+/// `b` is `[m, k]`, `out` is `[nnz, bh, bw]` (overwritten). Element types as for [`linear`]: half
+/// operands are widened one k-chunk panel at a time (L1-sized), each task's blocks rounded once at the end.
+pub fn sdd<T: Elem>(l: &Layout<'_>, a: &[T], b: &[T], m: usize, out: &mut [T]) -> Result<(), CoreError> {
     sdd_on(Isa::detect(), l, a, b, m, out)
 }
 
-fn sdd_on(isa: Isa, l: &Layout<'_>, a: &[f32], b: &[f32], m: usize, out: &mut [f32]) -> Result<(), CoreError> {
+fn sdd_on<T: Elem>(isa: Isa, l: &Layout<'_>, a: &[T], b: &[T], m: usize, out: &mut [T]) -> Result<(), CoreError> {
     l.validate()?;
     let (bh, bw, n, k) = (l.bh, l.bw, l.n, l.k);
     let bs = bh * bw;
@@ -327,7 +411,7 @@ fn sdd_on(isa: Isa, l: &Layout<'_>, a: &[f32], b: &[f32], m: usize, out: &mut [f
         return Ok(());
     }
     if m == 0 {
-        out.fill(0.0);
+        out.fill(T::ZERO);
         return Ok(());
     }
     let (mr0, nr0) = (isa.sdd_mr(), isa.nr(bw));
@@ -345,47 +429,84 @@ fn sdd_on(isa: Isa, l: &Layout<'_>, a: &[f32], b: &[f32], m: usize, out: &mut [f
     for &c in l.col_indices {
         used_c[c as usize] = true;
     }
-    let optr = OutPtr(out.as_mut_ptr());
+    prefer_huge_pages(out);
+    let optr = Shared(out.as_mut_ptr());
     let one = [(0usize, 0usize)];
+    let is_f32 = T::as_f32(a).is_some();
     pool::run(|| {
         let ap = split_columns(a, m, n, bh, &used_r);
         let bp = split_columns(b, m, k, bw, &used_c);
         tasks.par_iter().for_each(|&(r, s, e)| {
             let optr = optr;
             let apr = &ap[r * m * bh..(r + 1) * m * bh];
-            for k0 in (0..m).step_by(KC) {
-                let kc = KC.min(m - k0);
-                for blk in s..e {
-                    let c = l.col_indices[blk] as usize;
-                    let bpc = &bp[c * m * bw..(c + 1) * m * bw];
-                    for j0 in (0..bw).step_by(nr0) {
-                        let cols = nr0.min(bw - j0);
-                        for i0 in (0..bh).step_by(mr0) {
-                            // SAFETY: kc steps of the panels stay inside `apr` / `bpc`; block `blk`'s
-                            // output belongs to this task alone.
-                            unsafe {
-                                let tile = Tile {
-                                    a: apr.as_ptr().add(k0 * bh + i0),
-                                    lda: bh,
-                                    sa: 1,
-                                    pairs: &one,
-                                    depth: kc,
-                                    b: bpc.as_ptr().add(k0 * bw + j0),
-                                    ldb: bw,
-                                    c: optr.0.add(blk * bs + i0 * bw + j0),
-                                    ldc: bw,
-                                    cols,
-                                    add: k0 > 0,
-                                };
-                                micro(isa, nr0, mr0.min(bh - i0), &tile);
+            // `run(c, panel)`: every k-chunk of the task's blocks into `c` (block `blk` at `c + (blk - s)
+            // * bs`); `panel(src, k0, kc, width, buf)` gives the f32 rows k0..k0 + kc of a column panel.
+            let run = |c: *mut f32, sc: &mut Scratch| {
+                for k0 in (0..m).step_by(KC) {
+                    let kc = KC.min(m - k0);
+                    let pa = panel(apr, k0, kc, bh, &mut sc.a);
+                    for blk in s..e {
+                        let col = l.col_indices[blk] as usize;
+                        let pb = panel(&bp[col * m * bw..(col + 1) * m * bw], k0, kc, bw, &mut sc.b);
+                        for j0 in (0..bw).step_by(nr0) {
+                            let cols = nr0.min(bw - j0);
+                            for i0 in (0..bh).step_by(mr0) {
+                                // SAFETY: kc steps of the panels stay inside `pa` / `pb`; block `blk`'s
+                                // output belongs to this task alone.
+                                unsafe {
+                                    let tile = Tile {
+                                        a: pa.add(i0),
+                                        lda: bh,
+                                        sa: 1,
+                                        pairs: &one,
+                                        depth: kc,
+                                        b: pb.add(j0),
+                                        ldb: bw,
+                                        c: c.add((blk - s) * bs + i0 * bw + j0),
+                                        ldc: bw,
+                                        cols,
+                                        add: k0 > 0,
+                                    };
+                                    micro(isa, nr0, mr0.min(bh - i0), &tile);
+                                }
                             }
                         }
                     }
                 }
+            };
+            if is_f32 {
+                // SAFETY: blocks s..e of `out` belong to this task; T is f32 here. The f32 panels are
+                // read in place, so the scratch buffers stay empty.
+                let c = unsafe { optr.0.add(s * bs) } as *mut f32;
+                run(c, &mut Scratch::default());
+            } else {
+                SCRATCH.with(|cell| {
+                    let sc = &mut *cell.borrow_mut();
+                    let mut cbuf = std::mem::take(&mut sc.c);
+                    let c = sized(&mut cbuf, (e - s) * bs);
+                    run(c.as_mut_ptr(), sc);
+                    // SAFETY: blocks s..e of `out` belong to this task alone.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(s * bs), (e - s) * bs) };
+                    T::narrow(c, dst);
+                    sc.c = cbuf;
+                });
             }
         });
         Ok(())
     })
+}
+
+/// Rows `k0..k0 + kc` of a `[m][width]` column panel as f32: in place for f32, else widened into `buf`.
+fn panel<T: Elem>(src: &[T], k0: usize, kc: usize, width: usize, buf: &mut Vec<f32>) -> *const f32 {
+    let part = &src[k0 * width..(k0 + kc) * width];
+    match T::as_f32(part) {
+        Some(p) => p.as_ptr(),
+        None => {
+            let dst = sized(buf, kc * width);
+            T::widen(part, dst);
+            dst.as_ptr()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -538,6 +659,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The half paths against the f32 path run on the widened inputs, rounded once: bit for bit (same
+    /// micro-kernel, same pairs, same order, only the buffers differ), on every ISA and tile edge.
+    fn half_matches_f32_on_widened<T: Elem + std::fmt::Debug>(from: fn(f32) -> T, bits: fn(T) -> u16) {
+        let mut seed = 11u64;
+        for &(m, n, k, bh, bw) in &[
+            (5, 8, 12, 2, 3),
+            (37, 64, 32, 16, 8),
+            (0, 4, 4, 2, 2),
+            (301, 64, 48, 32, 16),
+            (13, 40, 60, 20, 12),
+            (7, 32, 320, 16, 16),
+            (530, 32, 16, 16, 16),
+            (100, 64, 64, 32, 32),
+        ] {
+            for pattern in 0..3 {
+                let o = make(n, k, bh, bw, &|r, c| match pattern {
+                    0 => (r * 5 + c) % 3 != 0 && r != 1,
+                    1 => true,
+                    _ => false,
+                });
+                let l = o.layout();
+                // Values spread over several binades (products then need the f32 accumulator).
+                let mut gen = |len: usize| -> Vec<T> { (0..len).map(|_| from(lcg(&mut seed) * 8.0)).collect() };
+                let (vh, xh, dyh) = (gen(l.nnz() * bh * bw), gen(m * k), gen(m * n));
+                let wide = |v: &[T]| -> Vec<f32> { v.iter().map(|e| e.to_f32()).collect() };
+                let (v32, x32, dy32) = (wide(&vh), wide(&xh), wide(&dyh));
+                let same = |got: &[T], want32: &[f32], what: &str| {
+                    let mut want = vec![T::ZERO; want32.len()];
+                    T::narrow(want32, &mut want);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(bits(*g), bits(*w), "{what} {i} ({m}, {n}, {k}, {bh}, {bw}) pattern {pattern}");
+                    }
+                };
+                for isa in Isa::available() {
+                    let (mut y32, mut yh) = (vec![0f32; m * n], vec![from(1.0); m * n]);
+                    linear_on(isa, &l, &v32, &x32, m, &mut y32).unwrap();
+                    linear_on(isa, &l, &vh, &xh, m, &mut yh).unwrap();
+                    same(&yh, &y32, "linear");
+                    let (mut d32, mut dh) = (vec![0f32; m * k], vec![from(1.0); m * k]);
+                    linear_grad_input_on(isa, &l, &v32, &dy32, m, &mut d32).unwrap();
+                    linear_grad_input_on(isa, &l, &vh, &dyh, m, &mut dh).unwrap();
+                    same(&dh, &d32, "linear_grad_input");
+                    let (mut g32, mut gh) = (vec![0f32; l.nnz() * bh * bw], vec![from(1.0); l.nnz() * bh * bw]);
+                    sdd_on(isa, &l, &dy32, &x32, m, &mut g32).unwrap();
+                    sdd_on(isa, &l, &dyh, &xh, m, &mut gh).unwrap();
+                    same(&gh, &g32, "sdd");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_is_the_f32_path_on_widened_inputs_rounded_once() {
+        half_matches_f32_on_widened(half::f16::from_f32, half::f16::to_bits);
+    }
+
+    #[test]
+    fn bf16_is_the_f32_path_on_widened_inputs_rounded_once() {
+        half_matches_f32_on_widened(half::bf16::from_f32, half::bf16::to_bits);
     }
 
     #[test]
