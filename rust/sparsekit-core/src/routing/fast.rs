@@ -10,39 +10,41 @@
 //! AVX2 top-k (k <= 8) first takes a lower bound, the k-th largest of 16 lane maxima (k elements are
 //! at or above it, so the k-th largest element is too); only the few elements >= the bound reach a
 //! sorted 8-entry list kept in two registers, inserted without branches. Softmax without a bias or
-//! groups also skips the division pass: the candidates are found on `exp(x - max)` (division by the
-//! row sum is monotone; the bound gets a margin so rounding cannot merge a non-candidate with the
-//! k-th score) and only they are divided.
+//! groups does the whole row in two passes over the logits: the maximum (with 16 lane maxima, whose
+//! k-th largest bounds the k-th logit), then `exp(x - max)` summed and, in the same loop, packed as a
+//! candidate when at or above the bound's numerator less a margin (exp's rounding and the division by
+//! the row sum cannot merge a non-candidate with the k-th score); only candidates are divided, and the
+//! numerators are never stored.
 
 use super::{choose_groups, exp_nonpos_f32, push_top, Gate, ScoreFn};
 
 /// Lanes of the row loops (two AVX2 registers).
 const LANES: usize = 16;
 
-/// Softmax numerators `e = exp(x - max)` into `s`, their 16-lane-ordered sum `z` and the 16 lane
-/// maxima of `e`. `z` is NaN for NaN logits, `+inf`, or an all `-inf` row.
+/// The 16 lane maxima of `x` (its first `len - len % 16` elements) and the row maximum (NaN ignored).
 #[inline(always)]
-fn softmax_numerators(x: &[f32], s: &mut [f32], lm: &mut [f32; LANES]) -> f32 {
-    let e = x.len();
-    let full = e - e % LANES;
-    let mut mx = [f32::NEG_INFINITY; LANES];
-    for c in x[..full].chunks_exact(LANES) {
-        for i in 0..LANES {
-            mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
-        }
-    }
+fn row_max(x: &[f32]) -> ([f32; LANES], f32) {
+    let full = x.len() - x.len() % LANES;
+    let mx = lane_max(x);
     let mut m = f32::NEG_INFINITY;
     for &v in mx.iter().chain(&x[full..]) {
         m = if v > m { v } else { m };
     }
+    (mx, m)
+}
+
+/// Softmax numerators `e = exp(x - max)` into `s` and their 16-lane-ordered sum `z`. `z` is NaN for NaN logits, `+inf`, or an all `-inf` row.
+#[inline(always)]
+fn softmax_numerators(x: &[f32], s: &mut [f32]) -> f32 {
+    let e = x.len();
+    let full = e - e % LANES;
+    let (_, m) = row_max(x);
     let mut zs = [0.0f32; LANES];
-    *lm = [f32::NEG_INFINITY; LANES];
     for (sc, xc) in s[..full].chunks_exact_mut(LANES).zip(x[..full].chunks_exact(LANES)) {
         for i in 0..LANES {
             let v = exp_nonpos_f32(xc[i] - m);
             sc[i] = v;
             zs[i] += v;
-            lm[i] = if v > lm[i] { v } else { lm[i] };
         }
     }
     let mut z = 0.0f32;
@@ -64,8 +66,7 @@ fn scores(x: &[f32], score: ScoreFn, s: &mut [f32]) -> bool {
     let full = e - e % LANES;
     match score {
         ScoreFn::Softmax => {
-            let mut lm = [0.0f32; LANES];
-            let z = softmax_numerators(x, s, &mut lm);
+            let z = softmax_numerators(x, s);
             if z.is_nan() {
                 return false;
             }
@@ -167,7 +168,7 @@ mod avx2 {
     };
 
     /// The k-th largest (`k <= 16`) of the 16 lane maxima: the least one with fewer than k above it.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,popcnt")]
     #[inline]
     pub unsafe fn kth16(lm: &[f32; 16], k: usize) -> f32 {
         // SAFETY: loads of the two halves of a 16-element array
@@ -183,15 +184,12 @@ mod avx2 {
         bound
     }
 
-    /// Top `k <= 8` of the candidates `c[j] >= bound`, ranked by `c[j] / z` (`div = Some(z)`) or by
-    /// `c[j]`, ties to the lower index; `(index, key)` into `out[..k]`. The candidates are packed
-    /// without branches (compare, mask, permute by table) into `cv` / `ci` (length >= c.len() + 8);
-    /// up to 32 of them are ranked all-against-all (rank = keys above + equal keys at lower indices),
-    /// more fall back to an insertion list.
-    #[target_feature(enable = "avx2,fma")]
+    /// Top `k <= 8` of the candidates `c[j] >= bound`, ties to the lower index; `(index, key)` into
+    /// `out[..k]`. The candidates are packed without branches (compare, mask, permute by table) into
+    /// `cv` / `ci` (length >= c.len() + 8), then ranked by [`rank8`].
+    #[target_feature(enable = "avx2,fma,popcnt")]
     #[inline]
-    pub unsafe fn topk8(c: &[f32], bound: f32, div: Option<f32>, cv: &mut [f32], ci: &mut [i32], out: &mut [(usize, f32)]) {
-        let k = out.len();
+    pub unsafe fn topk8(c: &[f32], bound: f32, cv: &mut [f32], ci: &mut [i32], out: &mut [(usize, f32)]) {
         let full = c.len() - c.len() % 8;
         assert!(cv.len() >= c.len() + 8 && ci.len() >= c.len() + 8);
         let bv = _mm256_set1_ps(bound);
@@ -216,6 +214,88 @@ mod avx2 {
             ci[nc] = j as i32;
             nc += (v >= bound) as usize;
         }
+        // SAFETY: AVX2 is enabled here
+        unsafe { rank8(cv, ci, nc, None, out) }
+    }
+
+    /// Softmax numerators of one row fused with the candidate pass: `z`, summed exactly as
+    /// `softmax_numerators` sums it (16 lanes, the lane sums, then the tail), and the numerators `>= lo`
+    /// packed with their indices into `cv` / `ci` (length >= x.len() + 8) in index order; the row's
+    /// numerators are never stored. Returns `(z, candidates)`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 (callers are the AVX2 / AVX-512 builds, into which this inlines).
+    #[inline(always)]
+    /// `WIDE`: pack 16 lanes at once with AVX-512 compress (the CPU must have AVX-512F).
+    pub unsafe fn softmax_candidates<const WIDE: bool>(x: &[f32], m: f32, lo: f32, cv: &mut [f32], ci: &mut [i32]) -> (f32, usize) {
+        let e = x.len();
+        let full = e - e % super::LANES;
+        assert!(cv.len() >= e + 8 && ci.len() >= e + 8);
+        // SAFETY (every block below): AVX2 per the contract; a store of 8 at nc <= 16 * b + 8 * h fits,
+        // since nc + 8 <= full <= e < cv.len(), ci.len()
+        let (bv, iota) = unsafe { (_mm256_set1_ps(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)) };
+        let mut zs = [0.0f32; super::LANES];
+        let mut nc = 0usize;
+        for (b, xc) in x[..full].chunks_exact(super::LANES).enumerate() {
+            let mut v = [0.0f32; super::LANES];
+            for i in 0..super::LANES {
+                v[i] = super::exp_nonpos_f32(xc[i] - m);
+                zs[i] += v[i];
+            }
+            if WIDE {
+                // SAFETY: AVX-512F per the contract; 16 stored at nc <= 16 * b, nc + 16 <= full
+                unsafe {
+                    let y = _mm512_loadu_ps(v.as_ptr());
+                    let msk = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, _mm512_set1_ps(lo));
+                    _mm512_storeu_ps(cv.as_mut_ptr().add(nc), _mm512_maskz_compress_ps(msk, y));
+                    let idx = _mm512_add_epi32(_mm512_set1_epi32((b * super::LANES) as i32), iota16());
+                    _mm512_storeu_si512(ci.as_mut_ptr().add(nc) as *mut _, _mm512_maskz_compress_epi32(msk, idx));
+                    nc += msk.count_ones() as usize;
+                }
+                continue;
+            }
+            for h in 0..2 {
+                unsafe {
+                    let y = _mm256_loadu_ps(v.as_ptr().add(8 * h));
+                    let msk = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(y, bv)) as usize;
+                    let perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(PACK[msk].as_ptr() as *const __m128i));
+                    _mm256_storeu_ps(cv.as_mut_ptr().add(nc), _mm256_permutevar8x32_ps(y, perm));
+                    let idx = _mm256_add_epi32(iota, _mm256_set1_epi32((b * super::LANES + 8 * h) as i32));
+                    _mm256_storeu_si256(ci.as_mut_ptr().add(nc) as *mut __m256i, _mm256_permutevar8x32_epi32(idx, perm));
+                    nc += msk.count_ones() as usize;
+                }
+            }
+        }
+        let mut z = 0.0f32;
+        for &v in &zs {
+            z += v;
+        }
+        for (j, &xv) in x.iter().enumerate().skip(full) {
+            let v = super::exp_nonpos_f32(xv - m);
+            z += v;
+            cv[nc] = v;
+            ci[nc] = j as i32;
+            nc += (v >= lo) as usize;
+        }
+        (z, nc)
+    }
+
+    /// 0, 1, ..., 15 (AVX-512F).
+    #[inline(always)]
+    unsafe fn iota16() -> __m512i {
+        // SAFETY: AVX-512F per the caller's contract
+        unsafe { _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) }
+    }
+
+    /// Top `k = out.len() <= 8` of the `nc` packed candidates `cv` / `ci` (index order), ranked by
+    /// `cv / z` (`div = Some(z)`) or `cv`, ties to the lower index; `cv.len() >= 32`. Up to 32
+    /// candidates are ranked all-against-all (rank = keys above + equal keys at lower indices), more
+    /// fall back to an insertion list.
+    #[target_feature(enable = "avx2,fma,popcnt")]
+    #[inline]
+    pub unsafe fn rank8(cv: &mut [f32], ci: &[i32], nc: usize, div: Option<f32>, out: &mut [(usize, f32)]) {
+        let k = out.len();
+        assert!(cv.len() >= 32 && ci.len() >= nc && k <= 8);
         if let Some(z) = div {
             for v in cv[..nc].iter_mut() {
                 *v /= z;
@@ -224,7 +304,7 @@ mod avx2 {
         if nc <= 32 {
             // pad to 32 with -inf at indices past every candidate: they never outrank one
             cv[nc..32].fill(f32::NEG_INFINITY);
-            // SAFETY: 32 <= c.len() + 8 <= cv.len() since the caller has c.len() >= 32
+            // SAFETY: 32 <= cv.len(), asserted above
             let keys = unsafe {
                 [
                     _mm256_loadu_ps(cv.as_ptr()),
@@ -312,7 +392,7 @@ fn emit(g: &Gate, best: &[(usize, f32)], ids: &mut [i64], sel: &mut [f32], w: &m
 /// (the caller is compiled with AVX2).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_impl<const AVX2: bool>(
+fn rows_impl<const AVX2: bool, const AVX512: bool>(
     x: &[f32],
     bias: Option<&[f32]>,
     g: &Gate,
@@ -331,18 +411,22 @@ fn rows_impl<const AVX2: bool>(
         let s = &mut buf.scores[..];
         #[cfg(target_arch = "x86_64")]
         if fast_topk && g.score == ScoreFn::Softmax && bias.is_none() {
-            // deferred division: candidates on the numerators, only they are divided
-            let mut lm = [0.0f32; LANES];
-            let z = softmax_numerators(xr, s, &mut lm);
+            // One pass over the numerators, which are never stored: the bound comes from the logits. At
+            // least k logits are >= bx (the k-th largest lane maximum), so the k-th largest numerator is
+            // >= exp(bx - m) up to exp's ~1 ulp error each way; lo sits 2^-18 below that, so a numerator
+            // under lo divides to a score strictly below the k-th (no candidate lost, ties kept).
+            let (mx, m) = row_max(xr);
+            // SAFETY: AVX2 is enabled in this build (AVX2 = true only inside rows_avx2 / rows_avx512)
+            let bx = unsafe { avx2::kth16(&mx, k) };
+            let be = exp_nonpos_f32(bx - m);
+            let lo = if be >= 1e-20 { be * (1.0 - 1.0 / 262_144.0) } else { 0.0 };
+            // SAFETY: as above
+            let (z, nc) = unsafe { avx2::softmax_candidates::<AVX512>(xr, m, lo, &mut buf.cv, &mut buf.ci) };
             if z.is_nan() {
                 return false;
             }
-            // SAFETY: AVX2 is enabled in this build (AVX2 = true only inside rows_avx2 / rows_avx512)
-            let be = unsafe { avx2::kth16(&lm, k) };
-            // no candidate is lost: a numerator below lo divides to a score strictly below be / z
-            let lo = if be >= 1e-20 { be * (1.0 - 1.0 / 1_048_576.0) } else { 0.0 };
             // SAFETY: as above
-            unsafe { avx2::topk8(s, lo, Some(z), &mut buf.cv, &mut buf.ci, &mut pairs[..k]) };
+            unsafe { avx2::rank8(&mut buf.cv, &buf.ci, nc, Some(z), &mut pairs[..k]) };
             emit(g, &pairs[..k], &mut ids[o.clone()], &mut sel[o.clone()], &mut w[o], hist.as_deref_mut());
             continue;
         }
@@ -363,7 +447,7 @@ fn rows_impl<const AVX2: bool>(
             // SAFETY: as above
             let bound = unsafe { avx2::kth16(&lane_max(choice), k) };
             // SAFETY: as above
-            unsafe { avx2::topk8(choice, bound, None, &mut buf.cv, &mut buf.ci, &mut pairs[..k]) };
+            unsafe { avx2::topk8(choice, bound, &mut buf.cv, &mut buf.ci, &mut pairs[..k]) };
             for p in pairs[..k].iter_mut() {
                 p.1 = s[p.0]; // the weight comes from the unbiased score
             }
@@ -398,7 +482,7 @@ fn rows_impl<const AVX2: bool>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,popcnt")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_avx2(
     x: &[f32],
@@ -410,11 +494,11 @@ unsafe fn rows_avx2(
     w: &mut [f32],
     hist: Option<&mut [usize]>,
 ) -> bool {
-    rows_impl::<true>(x, bias, g, buf, ids, sel, w, hist)
+    rows_impl::<true, false>(x, bias, g, buf, ids, sel, w, hist)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_avx512(
     x: &[f32],
@@ -426,8 +510,8 @@ unsafe fn rows_avx512(
     w: &mut [f32],
     hist: Option<&mut [usize]>,
 ) -> bool {
-    // the same code with 16-lane vectors for the score loops
-    rows_impl::<true>(x, bias, g, buf, ids, sel, w, hist)
+    // the same code with 16-lane vectors for the score loops and AVX-512 compress for the candidates
+    rows_impl::<true, true>(x, bias, g, buf, ids, sel, w, hist)
 }
 
 /// The widest build of [`rows`] this CPU runs: 0 portable, 1 AVX2, 2 AVX-512 (`SPARSEKIT_SIMD=0|1`
@@ -441,7 +525,9 @@ fn detect_simd_level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
         let cap = std::env::var("SPARSEKIT_SIMD").ok().and_then(|v| v.trim().parse::<u8>().ok()).unwrap_or(2);
-        let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("popcnt");
         let avx512 = avx2
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
@@ -479,5 +565,5 @@ pub(super) fn rows(
         }
     }
     let _ = level;
-    rows_impl::<false>(x, bias, g, buf, ids, sel, w, hist)
+    rows_impl::<false, false>(x, bias, g, buf, ids, sel, w, hist)
 }

@@ -797,12 +797,15 @@ mod tests {
     fn simd_kernels_equal_portable_kernel() {
         // ties, -inf, near-equal values, every score function, with and without bias and groups
         let rows = 200;
-        for &(e, k, groups) in &[(256usize, 8usize, 1usize), (256, 3, 1), (64, 8, 8), (48, 1, 1), (33, 8, 1), (40, 12, 1)] {
+        // spread 40: logits 160 apart, so the softmax bound's numerator underflows (the all-candidates path)
+        for &(e, k, groups, spread) in &[(256usize, 8usize, 1usize, 1.0f32), (256, 3, 1, 1.0), (64, 8, 8, 1.0), (48, 1, 1, 1.0),
+            (33, 8, 1, 1.0), (40, 12, 1, 1.0), (256, 8, 1, 40.0), (47, 5, 1, 40.0)]  // fmt: skip
+        {
             let x: Vec<f32> = (0..rows * e)
                 .map(|i| match i % 97 {
                     0 => f32::NEG_INFINITY,
-                    r if r < 40 => ((i * 7919 % 9) as f32 - 4.0) * 0.5,
-                    _ => ((i * 2_654_435_761usize % 100_003) as f32 / 100_003.0 - 0.5) * 8.0,
+                    r if r < 40 => ((i * 7919 % 9) as f32 - 4.0) * 0.5 * spread,
+                    _ => ((i * 2_654_435_761usize % 100_003) as f32 / 100_003.0 - 0.5) * 8.0 * spread,
                 })
                 .collect();
             let bias: Vec<f32> = (0..e).map(|i| (i % 5) as f32 * 0.01).collect();
@@ -823,7 +826,7 @@ mod tests {
                     let want = run(0);
                     assert!(want.0 || score == ScoreFn::Softmax);
                     for level in 1..=fast::simd_level() {
-                        assert_eq!(run(level), want, "{level}: {e} {k} {groups} {score:?} {}", b.is_some());
+                        assert_eq!(run(level), want, "{level}: {e} {k} {groups} {spread} {score:?} {}", b.is_some());
                     }
                     // and the generic kernel picks the same experts
                     let (mut i0, mut s0, mut w0) = (vec![0; n], vec![0.0f32; n], vec![0.0f32; n]);
