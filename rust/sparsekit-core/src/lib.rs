@@ -6,10 +6,12 @@
 //! - [`routing`]: MoE routing tables; [`balance`]: load-balance counters.
 //! - [`comm`]: gradient communication planner (buckets, size classes, shards).
 //! - [`spmm`]: CPU block-sparse GEMM; [`sparsity`]: dynamic sparse training mask updates.
+//! - [`pages`]: huge-page advice for large fresh output buffers (spmm, routing).
 //! - [`pool`]: the rayon thread pool every parallel routine runs in (sized by `SPARSEKIT_NUM_THREADS`,
 //!   rebuilt after `fork`).
 
 pub mod error;
+pub mod pages;
 pub mod pool;
 pub mod select;
 

@@ -20,16 +20,15 @@
 
 mod elem;
 mod kernel;
-mod pages;
 
 use rayon::prelude::*;
 
 pub use elem::Elem;
 
 use crate::error::CoreError;
+use crate::pages::prefer_huge_pages;
 use crate::pool;
 use kernel::{micro, pack_blocks, Isa, Tile};
-use pages::prefer_huge_pages;
 
 /// Block-sparse layout of an `[n, k]` matrix with `bh x bw` blocks (borrowed index arrays).
 #[derive(Clone, Copy, Debug)]

@@ -1,4 +1,5 @@
-//! Huge pages for the large buffers the kernels write first: outputs and the SDD column copies.
+//! Huge pages for the large buffers the kernels write first: spmm outputs and SDD column copies, the
+//! routing plan's tables.
 //!
 //! A fresh multi-megabyte buffer (torch allocates a new output per call, freed memory goes back to the
 //! OS) is faulted in 4 KiB page by page by the first writer. At 10 % density that cost is of the order of
