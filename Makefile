@@ -12,6 +12,8 @@ $(VENV)/.ready: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.9,<2" "torch>=2.4" "numpy>=1.26" "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" "mypy>=1.10" "scikit-learn>=1.3" "tqdm>=4.60" "matplotlib>=3.7"
+	# the CUDA headers (crt/mma.h) NVRTC needs for the tensor-core kernels, matching torch's NVRTC release
+	$(PY) -m pip install -q "nvidia-cuda-nvcc==$$($(PY) -c 'import importlib.metadata as m; print(".".join(m.version("nvidia-cuda-nvrtc").split(".")[:2]))').*"
 	touch $@
 
 # Build the release wheel and install it (not an editable build): tests run against what users get.

@@ -2,7 +2,7 @@
 // dx = dy @ W through the transpose metadata, and SDD (dense x dense sampled at W's blocks).
 // W is [N, K] with blocks (bh, bw), bh and bw multiples of 16. Each CTA is 16x16 threads computing a
 // 16x16 output tile; the summation order is fixed (per nonzero block, then 0..15 inside a chunk).
-// Launched by python/sparsekit/_cuda_spmm.py. fp16/bf16 wmma kernels: not yet written.
+// Launched by python/sparsekit/_cuda_spmm.py. float16/bfloat16: the tensor-core kernels of spmm_tc.cu.
 #include "common.cuh"
 
 #define SK_T 16

@@ -26,6 +26,7 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
     "select": _cuda_select.NAME_EXPRESSIONS,
     "route": _cuda_route.NAME_EXPRESSIONS,
     "spmm": _cuda_spmm.NAME_EXPRESSIONS,
+    "spmm_tc": _cuda_spmm.TC_NAME_EXPRESSIONS,
 }
 KERNEL_FILES = sorted(p.stem for p in _cuda.kernel_dir().glob("*.cu"))  # top level only: cuda/sim excluded
 ARCHS = ["sm_80", "sm_90"]

@@ -35,7 +35,7 @@ tsan = pytest.mark.skipif(
     not tsan_loaded(), reason="runs inside the ThreadSanitizer subprocess of test_race_check_suite"
 )
 # the family of a tsan test, for `make mutants` (-k select, -k route, ...)
-FAMILIES = ("select", "route", "spmm")
+FAMILIES = ("select", "route", "spmm_tc", "spmm")
 
 
 def test_race_check_suite() -> None:
@@ -127,6 +127,43 @@ def test_missing_barrier_on_shared_memory(sync: str, idx: str, racy: bool) -> No
     assert head.startswith("data race in kernel k:"), head
     assert f"kernel.cu:{_line(src, 'WRITE')}" in head and f"kernel.cu:{_line(src, 'READ')}" in head, head
     assert re.search(r"block \(\d,0,0\) thread \(\d+,0,0\).*block \(\d,0,0\) thread \(\d+,0,0\)", head), head
+
+
+WMMA_SHARED = r"""
+#include <mma.h>
+using namespace nvcuda;
+extern "C" __global__ void k(int* out) {
+  __shared__ __align__(32) __half s[16][16];
+  __shared__ __align__(32) float c[16][16];
+  for (int e = threadIdx.x; e < 256; e += 32) s[e / 16][e % 16] = __float2half((float)(e % 7));  // WRITE
+  SYNC
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;  // READ below
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  wmma::load_matrix_sync(a, &s[0][0], 16);  // READ
+  wmma::load_matrix_sync(b, &s[0][0], 16);
+  wmma::mma_sync(acc, a, b, acc);
+  wmma::store_matrix_sync(&c[0][0], acc, 16, wmma::mem_row_major);
+  __syncwarp();
+  for (int e = threadIdx.x; e < 256; e += 32) out[e] = (int)c[e / 16][e % 16];
+}
+"""
+
+
+@tsan
+@pytest.mark.parametrize(("sync", "racy"), [("", True), ("__syncwarp();", False)], ids=["none", "syncwarp"])
+def test_wmma_loads_need_a_barrier(sync: str, racy: bool) -> None:
+    """wmma::load_matrix_sync of shared memory other lanes wrote orders nothing by itself (as on a GPU)."""
+    src = WMMA_SHARED.replace("SYNC", sync)
+    v = (torch.arange(256) % 7).double().view(16, 16)
+    if not racy:
+        assert _run(src, "k", 1, 32, 256).tolist() == (v @ v.T).flatten().int().tolist()
+        return
+    with pytest.raises(RaceError) as e:
+        _run(src, "k", 1, 32, 256)
+    head = str(e.value).splitlines()[0]
+    assert f"kernel.cu:{_line(src, '// WRITE')}" in head, head
 
 
 def test_no_schedule_exposes_the_cross_warp_hazard() -> None:
@@ -321,3 +358,30 @@ def test_spmm_kernels_race_free() -> None:
         results.append((y.detach(), xi.grad, wi.values.grad))
     for cpu, shim in zip(*results):
         torch.testing.assert_close(shim, cpu, rtol=1e-5, atol=1e-5)
+
+
+@tsan
+def test_spmm_tc_kernels_race_free() -> None:
+    """The tensor-core kernels (float16 here) through bsr_linear forward and backward; 32x32 blocks and 70
+    rows, so every loop runs more than once (a missing end-of-step barrier shows as a write-after-read)."""
+    from reference import within_one_ulp
+    from sparsekit import BlockSparseMatrix
+    from sparsekit.ops import bsr_linear
+
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(3, 3, generator=gen) < 0.6
+    mask[1] = False  # an empty block-row
+    mask[0, :2] = True  # a block-row of two blocks
+    dense = torch.randn(96, 96, generator=gen).half()
+    x = torch.randn(70, 96, generator=gen).half()
+    results = []
+    for sim in (False, True):
+        xi = x.clone().requires_grad_(True)
+        wi = BlockSparseMatrix.from_dense(dense, (32, 32), mask=mask)
+        vi = wi.values.detach().clone().requires_grad_(True)
+        with simulated_cuda(race_check=True) if sim else contextlib.nullcontext():
+            y = bsr_linear(xi, wi, values=vi)
+            y.float().square().sum().backward()
+        results.append((y.detach(), xi.grad, vi.grad))
+    for cpu, shim in zip(*results):
+        assert within_one_ulp(shim, cpu, 1e-2)

@@ -439,6 +439,51 @@ def test_wmma_gemm() -> None:
     torch.testing.assert_close(c, 2 * a.float() @ b.float().T, rtol=1e-4, atol=1e-4)
 
 
+WMMA_ERRORS = r"""
+#include <mma.h>
+using namespace nvcuda;
+extern "C" __global__ void exited(const __half* A, float* C) {
+  if (threadIdx.x == 5) return;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+  wmma::fill_fragment(c, 0.0f);
+  wmma::load_matrix_sync(a, A, 16);
+  wmma::load_matrix_sync(b, A, 16);
+  wmma::mma_sync(c, a, b, c);
+}
+extern "C" __global__ void misaligned(const __half* A, float* C) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+  wmma::load_matrix_sync(a, A + 1, 16);
+}
+extern "C" __global__ void bad_ldm(const __half* A, float* C) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+  wmma::load_matrix_sync(a, A, 12);
+}
+"""
+
+
+@pytest.mark.parametrize(("kernel", "message"), [
+    ("exited", "every lane of the warp"), ("misaligned", "256-bit aligned"), ("bad_ldm", "multiple of 16 bytes"),
+])
+def test_wmma_misuse_is_an_error(kernel: str, message: str) -> None:
+    """What a GPU requires of wmma (the whole warp in mma_sync, aligned pointers, ldm of 16-byte multiples)."""
+    a = torch.zeros(16 * 32, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=message):
+        SimRawModule(WMMA_ERRORS).get_function(kernel)((1,), 32, (a, torch.zeros(256)))
+
+
+def test_wmma_bf16_distributed_fragments() -> None:
+    """bfloat16 operands, elementwise ops on the 8 per-lane elements, several warps per block."""
+    g = torch.Generator().manual_seed(9)
+    m, n, k = 16, 64, 32
+    a, b = torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+    c = torch.zeros(m, n)
+    src = WMMA.replace("__half", "__nv_bfloat16")
+    SimRawModule(src).get_function("wmma_gemm")((n // 16, m // 16), 32, (a, b, c, m, n, k))
+    torch.testing.assert_close(c, 2 * a.float() @ b.float().T, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Barriers that can never complete -> RuntimeError (run in a child process: a bug must not hang CI)
 # ------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@
 #define __shared__ static thread_local
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))  // as CUDA: a GNU attribute, allowed after __shared__
 #define __launch_bounds__(...)
 #define __grid_constant__
 #ifndef __restrict__
@@ -115,13 +115,13 @@ namespace cudasim {
 
 enum FiberState : int { RUNNABLE = 0, BAR_WAIT = 1, WARP_WAIT = 2, DONE = 3, DEAD = 4 };
 enum WarpOp : int { W_SYNC, W_SHFL, W_UP, W_DOWN, W_XOR, W_BALLOT, W_ALL, W_RADD, W_RMIN, W_RMAX,
-                    W_RAND, W_ROR, W_RXOR, W_MATCH_ANY, W_MATCH_ALL };
+                    W_RAND, W_ROR, W_RXOR, W_MATCH_ANY, W_MATCH_ALL, W_MMA };
 inline const char* warp_op_name(int op) {
   static const char* n[] = {"__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
                             "__shfl_xor_sync", "__ballot_sync/__any_sync", "__all_sync", "__reduce_add_sync",
                             "__reduce_min_sync", "__reduce_max_sync", "__reduce_and_sync", "__reduce_or_sync",
-                            "__reduce_xor_sync", "__match_any_sync", "__match_all_sync"};
-  return (op >= 0 && op <= W_MATCH_ALL) ? n[op] : "?";
+                            "__reduce_xor_sync", "__match_any_sync", "__match_all_sync", "wmma::mma_sync"};
+  return (op >= 0 && op <= W_MMA) ? n[op] : "?";
 }
 
 struct Site { const char* file = ""; unsigned line = 0, col = 0; };
@@ -140,6 +140,9 @@ struct Warp {
   uint32_t waiting;  // lanes blocked in a warp collective
   uint32_t live;     // lanes that exist in the block and have not exited
 };
+
+// One lane's part of a wmma::mma_sync: its 8 elements of A, B, C (as float) and the 8 of D it gets.
+struct MmaLane { float a[8], b[8], c[8], d[8]; };
 
 // Lives at the bottom of each fiber's stack slot.
 struct Fiber {
@@ -380,6 +383,27 @@ CUDASIM_RT inline int block_barrier(int pred, Site s) {
 //    the mask have arrived, results for the whole group are computed at once.
 // ---------------------------------------------------------------------------------------------
 CUDASIM_RT inline void warp_compute(Warp* w, uint32_t m, int op) {
+  if (op == W_MMA) {  // in[l] = &MmaLane of lane l; the whole warp or nothing
+    MmaLane* ln[32];
+    for (int l = 0; l < 32; l++) ln[l] = (MmaLane*)(uintptr_t)w->in[l];
+    for (int l = 0; l < 32; l++) w->out[l] = m != 0xffffffffu;  // error flag: some lane exited
+    if (m != 0xffffffffu) return;
+    float A[256], B[256], C[256];
+    for (int l = 0; l < 32; l++)
+      for (int e = 0; e < 8; e++) {
+        A[e * 32 + l] = ln[l]->a[e];
+        B[e * 32 + l] = ln[l]->b[e];
+        C[e * 32 + l] = ln[l]->c[e];
+      }
+    for (int l = 0; l < 32; l++)
+      for (int e = 0; e < 8; e++) {
+        const int i = (e * 32 + l) / 16, j = (e * 32 + l) % 16;
+        float acc = C[i * 16 + j];  // fp32 accumulation, k in order (a GPU's order is unspecified)
+        for (int k = 0; k < 16; k++) acc = fmaf(A[i * 16 + k], B[k * 16 + j], acc);
+        ln[l]->d[e] = acc;
+      }
+    return;
+  }
   uint32_t ballot = 0;
   for (uint32_t r = m; r; r &= r - 1) {
     int l = __builtin_ctz(r);
@@ -483,17 +507,20 @@ CUDASIM_RT inline uint64_t warp_op(uint32_t mask, int op, uint64_t v, int arg, i
 #if defined(CUDASIM_RACE_CHECK)
   // Release under this thread's collective count; on resuming, acquire what each lane of the group
   // released at this very collective (a lane completes at most one more before we resume: 4 slots do).
+  // mma_sync exchanges registers, not memory: it orders nothing (a GPU gives it no fence either).
   RaceSync* rs = f->block->rs;
-  const uint32_t c = rs->count[f->lin]++;
-  rs->entered[f->lin] = c;
-  __tsan_release(&rs->lane[f->lin][c & 3]);
+  if (op != W_MMA) {
+    const uint32_t c = rs->count[f->lin]++;
+    rs->entered[f->lin] = c;
+    __tsan_release(&rs->lane[f->lin][c & 3]);
+  }
 #endif
   char buf[512];
   if (!warp_try_release(f->block, w, lane, buf, sizeof buf)) abort_block(buf);
   yield_now(f);
 #if defined(CUDASIM_RACE_CHECK)
   const int base = f->lin - lane;
-  for (uint32_t r = rs->group[f->lin]; r; r &= r - 1) {
+  for (uint32_t r = op == W_MMA ? 0u : rs->group[f->lin]; r; r &= r - 1) {
     int l = __builtin_ctz(r);
     __tsan_acquire(&rs->lane[base + l][rs->snap[f->lin][l]]);
   }
@@ -1287,8 +1314,13 @@ inline const char* signature(void (*)(A...)) {
 #define CUDASIM_DYN_SMEM(T) (reinterpret_cast<T*>(::cudasim::self()->block->dyn))
 
 // ---------------------------------------------------------------------------------------------
-// 14. wmma (nvcuda::wmma): every lane holds the whole tile (row-major in x[]), so elementwise loops
-//     over x[0..num_elements) work; loads/stores synchronise the warp as the real ones converge it.
+// 14. wmma (nvcuda::wmma), 16x16x16 tiles: a fragment is spread over the warp as on a GPU, each lane
+//     holding 8 elements (element e of lane l is tile entry e*32 + l, row-major; a GPU's map is
+//     unspecified, so only elementwise loops over x[0..num_elements) are portable). Loads and stores
+//     touch only the lane's own entries and order nothing, so shared memory written by other lanes
+//     needs a __syncwarp/__syncthreads first, as on a GPU, and the race check sees it when missing.
+//     mma_sync is a warp collective (all 32 lanes); fp32 accumulation in k order. Checked like the
+//     GPU's: 256-bit aligned pointers, ldm a multiple of 16 bytes.
 // ---------------------------------------------------------------------------------------------
 namespace nvcuda {
 namespace wmma {
@@ -1298,16 +1330,24 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
-template <class Use, int M, int N, int K> struct tile_shape;
-template <int M, int N, int K> struct tile_shape<matrix_a, M, N, K> { static constexpr int r = M, c = K; };
-template <int M, int N, int K> struct tile_shape<matrix_b, M, N, K> { static constexpr int r = K, c = N; };
-template <int M, int N, int K> struct tile_shape<accumulator, M, N, K> { static constexpr int r = M, c = N; };
 template <class Use, int M, int N, int K, class T, class Layout = void>
 struct fragment {
-  static constexpr int rows = tile_shape<Use, M, N, K>::r, cols = tile_shape<Use, M, N, K>::c;
-  static constexpr int num_elements = rows * cols;
+  static_assert(M == 16 && N == 16 && K == 16, "cudasim wmma: only 16x16x16 tiles");
+  static constexpr int num_elements = 8;
   T x[num_elements];
 };
+namespace detail {
+template <class P>
+inline void check(const P* p, unsigned ldm, const char* what) {
+  if (((uintptr_t)p & 31) || ((size_t)ldm * sizeof(P)) % 16)
+    ::cudasim::abort_block(what);
+}
+inline int row(int e) { return (e * 32 + (int)::cudasim::self()->lane) / 16; }
+inline int col(int e) { return (e * 32 + (int)::cudasim::self()->lane) % 16; }
+inline size_t at(int e, unsigned ldm, bool row_major) {
+  return row_major ? (size_t)row(e) * ldm + col(e) : (size_t)col(e) * ldm + row(e);
+}
+}  // namespace detail
 template <class U, int M, int N, int K, class T, class L, class V>
 inline void fill_fragment(fragment<U, M, N, K, T, L>& f, const V& v) {
   for (int i = 0; i < f.num_elements; i++) f.x[i] = (T)v;
@@ -1315,36 +1355,32 @@ inline void fill_fragment(fragment<U, M, N, K, T, L>& f, const V& v) {
 template <class U, int M, int N, int K, class T, class L, class P>
 inline void load_matrix_sync(fragment<U, M, N, K, T, L>& f, const P* p, unsigned ldm) {
   static_assert(!std::is_void_v<L>, "load_matrix_sync without a layout needs a matrix_a/matrix_b fragment");
-  __syncwarp(__activemask());
-  for (int r = 0; r < f.rows; r++)
-    for (int c = 0; c < f.cols; c++)
-      f.x[r * f.cols + c] = (T)(std::is_same_v<L, row_major> ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]);
+  detail::check(p, ldm, "wmma::load_matrix_sync: pointer not 256-bit aligned or ldm not a multiple of 16 bytes");
+  for (int e = 0; e < 8; e++) f.x[e] = p[detail::at(e, ldm, std::is_same_v<L, row_major>)];
 }
 template <int M, int N, int K, class T, class P>
 inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, const P* p, unsigned ldm, layout_t l) {
-  __syncwarp(__activemask());
-  for (int r = 0; r < f.rows; r++)
-    for (int c = 0; c < f.cols; c++)
-      f.x[r * f.cols + c] = (T)(l == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]);
+  detail::check(p, ldm, "wmma::load_matrix_sync: pointer not 256-bit aligned or ldm not a multiple of 16 bytes");
+  for (int e = 0; e < 8; e++) f.x[e] = (T)p[detail::at(e, ldm, l == mem_row_major)];
 }
 template <int M, int N, int K, class T, class P>
 inline void store_matrix_sync(P* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ldm, layout_t l) {
-  for (int r = 0; r < f.rows; r++)
-    for (int c = 0; c < f.cols; c++)
-      (l == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]) = (P)f.x[r * f.cols + c];
-  __syncwarp(__activemask());
+  detail::check(p, ldm, "wmma::store_matrix_sync: pointer not 256-bit aligned or ldm not a multiple of 16 bytes");
+  for (int e = 0; e < 8; e++) p[detail::at(e, ldm, l == mem_row_major)] = (P)f.x[e];
 }
 template <int M, int N, int K, class TA, class LA, class TB, class LB, class TC, class TD>
 inline void mma_sync(fragment<accumulator, M, N, K, TD, void>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
-                     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC, void>& c) {
-  float out[M * N];
-  for (int i = 0; i < M; i++)
-    for (int j = 0; j < N; j++) {
-      float acc = (float)c.x[i * N + j];
-      for (int k = 0; k < K; k++) acc += (float)a.x[i * K + k] * (float)b.x[k * N + j];
-      out[i * N + j] = acc;
-    }
-  for (int i = 0; i < M * N; i++) d.x[i] = (TD)out[i];
+                     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC, void>& c,
+                     CUDASIM_SITE) {
+  ::cudasim::MmaLane ln;
+  for (int e = 0; e < 8; e++) {
+    ln.a[e] = (float)a.x[e];
+    ln.b[e] = (float)b.x[e];
+    ln.c[e] = (float)c.x[e];
+  }
+  if (::cudasim::warp_op(0xffffffffu, ::cudasim::W_MMA, (uint64_t)(uintptr_t)&ln, 0, 32, CUDASIM_S))
+    ::cudasim::abort_block("wmma::mma_sync: every lane of the warp must take part (some lanes exited)");
+  for (int e = 0; e < 8; e++) d.x[e] = (TD)ln.d[e];
 }
 }  // namespace wmma
 }  // namespace nvcuda

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sysconfig
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +41,22 @@ def kernel_source(name: str) -> str:
     return f'#line 1 "{path.name}"\n' + path.read_text()
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_include_dir() -> Path | None:
+    """The CUDA headers that ``#include <mma.h>`` needs (its ``crt/mma.h``), which NVRTC does not carry:
+    ``$CUDA_PATH/include`` if it has them, else the pip wheels' (``nvidia/cu13/include`` from
+    ``nvidia-cuda-nvcc``, or ``nvidia/cuda_nvcc/include`` for CUDA 12). ``None`` when absent."""
+    roots = [Path(os.environ["CUDA_PATH"]) / "include"] if os.environ.get("CUDA_PATH") else []
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        roots += sorted(Path(site).glob("nvidia/*/include"))
+    return next((r for r in roots if (r / "crt" / "mma.h").is_file()), None)
+
+
 def compile_options() -> tuple[str, ...]:
-    """NVRTC options the loader passes: the language standard and the kernels' include directory."""
-    return (*NVRTC_OPTIONS, f"-I{kernel_dir()}")
+    """NVRTC options the loader passes: the language standard, the kernels' include directory and the
+    CUDA headers' (:func:`cuda_include_dir`, for the tensor-core kernels' ``<mma.h>``)."""
+    extra = cuda_include_dir()
+    return (*NVRTC_OPTIONS, f"-I{kernel_dir()}", *((f"-I{extra}",) if extra else ()))
 
 
 def import_cupy() -> Any:
