@@ -33,6 +33,8 @@ use crate::select::radix::select_in_memory;
 const RUN: usize = 64;
 const SAMPLE_MIN: u64 = 1 << 14;
 const SAMPLE_MAX: u64 = 1 << 18;
+/// A group this small may gather all its keys (an open-ended bracket is still served).
+const SMALL_GROUP: u64 = 1 << 16;
 /// Bracket half-width: this many binomial standard deviations of the sampled rank, plus a relative
 /// margin for samples of structured (not independent) data.
 const SIGMAS: f64 = 4.5;
@@ -263,10 +265,11 @@ fn sample<T: Score, G: Score>(view: &View<'_, T, G>, spans: Range<usize>, grows:
 
 /// The bracket of the `k`-th largest of a population estimated at `est` keys, from a sample of its
 /// keys; also the sample's estimate of the k-th key itself.
-fn bracket_of<K: RadixKey>(keys: &mut [K], k: u64, est: f64) -> (Bracket<K>, K) {
+/// `small`: the population is small enough to gather whole, so an open low end is still gathered.
+fn bracket_of<K: RadixKey>(keys: &mut [K], k: u64, est: f64, small: bool) -> (Bracket<K>, K) {
     let s = keys.len();
     if s == 0 {
-        return (Bracket::open(), K::MIN);
+        return (Bracket { gather: small, ..Bracket::open() }, K::MIN);
     }
     let p = (k as f64 / est).min(1.0);
     let center = p * s as f64;
@@ -284,24 +287,25 @@ fn bracket_of<K: RadixKey>(keys: &mut [K], k: u64, est: f64) -> (Bracket<K>, K) 
         // An exact zero at the low end (newly grown weights start at zero, so ties at 0 are common)
         // is left out: the bracket becomes (0, hi], and a threshold of 0 falls back to the general passes.
         Some(lo) => (Bracket { lo: if lo == K::MIN { K::from_u64(1) } else { lo }, hi, gather: true }, est_key),
-        None => (Bracket { lo: K::MIN, hi, gather: false }, est_key),
+        None => (Bracket { lo: K::MIN, hi, gather: small }, est_key),
     }
 }
 
 fn bounds_of<T: Score, G: Score>(view: &View<'_, T, G>, g: &Group) -> Bounds<T::Key, G::Key> {
     let (items, sampled, n) = sample(view, g.spans.clone(), g.grows && g.grow > 0);
     let scale = n as f64 / sampled.max(1) as f64;
+    let small = n <= SMALL_GROUP;
     let (keep, est) = if g.keep == 0 {
         (Bracket::empty(), T::Key::MAX)
     } else {
         let mut keys: Vec<T::Key> = items.iter().filter(|x| x.0).map(|x| x.1).collect();
         let est_total = keys.len() as f64 * scale;
-        bracket_of(&mut keys, g.keep, est_total)
+        bracket_of(&mut keys, g.keep, est_total, small)
     };
     let grow = if g.grows && g.grow > 0 {
         let mut keys: Vec<G::Key> = items.iter().filter(|x| !(x.0 && x.1 >= est)).map(|x| x.2).collect();
         let est_total = keys.len() as f64 * scale;
-        bracket_of(&mut keys, g.grow, est_total).0
+        bracket_of(&mut keys, g.grow, est_total, small).0
     } else {
         Bracket::empty()
     };

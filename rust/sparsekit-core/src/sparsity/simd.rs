@@ -5,10 +5,18 @@
 //! caps the choice (as for the routing kernels), so tests and benchmarks can compare the builds; every
 //! build gives the same bits.
 
+/// Tests cap the level here to compare the builds in one process (all builds give the same bits, so
+/// tests running meanwhile are unaffected).
+#[cfg(test)]
+pub static TEST_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
 /// 0 portable, 1 AVX2, 2 AVX-512.
 pub fn level() -> u8 {
     static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(detect)
+    let level = *LEVEL.get_or_init(detect);
+    #[cfg(test)]
+    let level = level.min(TEST_CAP.load(std::sync::atomic::Ordering::Relaxed));
+    level
 }
 
 fn detect() -> u8 {
