@@ -30,6 +30,19 @@ impl<K: RadixKey> Cut<K> {
     pub fn none() -> Self {
         Cut { key: K::MAX, quota: 0 }
     }
+    /// The cut of one piece that holds `equal` keys equal to `key` and takes `quota` of them. A piece
+    /// that takes all or none of its tied keys gets a cut without a tie quota ("keys >= key", or
+    /// "keys > key" written as ">= key + 1"), which the writing pass applies branch-free; only the
+    /// one piece where the tie splits keeps its quota.
+    pub fn normalized(key: K, quota: u64, equal: u64) -> Self {
+        if quota == equal {
+            Cut { key, quota: u64::MAX }
+        } else if quota == 0 && key < K::MAX {
+            Cut { key: K::from_u64(key.to_u64() + 1), quota: u64::MAX }
+        } else {
+            Cut { key, quota }
+        }
+    }
     pub fn state(&self) -> CutState<K> {
         CutState { key: self.key, left: self.quota }
     }
@@ -196,7 +209,7 @@ fn cuts_from<K: RadixKey, S: Scan<K>>(scan: &S, pieces: &[usize], k: u64, key: K
         .map(|&c| {
             let q = left.min(c);
             left -= q;
-            Cut { key, quota: q }
+            Cut::normalized(key, q, c)
         })
         .collect()
 }

@@ -7,7 +7,11 @@
 //! the lower index, earlier layer first for a global selection) and never builds a score tensor:
 //! the passes of [`cut`] read the weights, masks and grow scores where they are.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod cut;
+mod fast;
+mod simd;
 
 use rayon::prelude::*;
 
@@ -197,30 +201,47 @@ fn cuts_for<K: RadixKey, S: Scan<K>>(
 /// `keep` at most the active connections, `grow` at most the rest. Errors (nothing written) on NaN
 /// weights or grow scores among the eligible, mismatched lengths, or counts out of range.
 pub fn update<T: Score, G: Score>(layers: &mut [Layer<'_, T, G>], counts: &Counts) -> Result<Vec<LayerStats>, CoreError> {
+    update_with(layers, counts, true).map(|(stats, _)| stats)
+}
+
+/// [`update`], and whether the one-pass selection of [`fast`] served it (`allow_fast = false` runs
+/// the general passes only: tests compare the two).
+fn update_with<T: Score, G: Score>(
+    layers: &mut [Layer<'_, T, G>],
+    counts: &Counts,
+    allow_fast: bool,
+) -> Result<(Vec<LayerStats>, bool), CoreError> {
     check(layers, counts)?;
     let lens: Vec<usize> = layers.iter().map(|l| l.weight.len()).collect();
     let all = spans(&lens);
     pool::run(|| {
-        let (keep_cuts, grow_cuts) = {
+        let keep_cuts = {
             let view = View {
                 spans: &all,
                 weights: layers.iter().map(|l| &*l.weight).collect(),
                 masks: layers.iter().map(|l| &*l.mask).collect(),
                 grows: layers.iter().map(|l| l.grow).collect(),
             };
-            let keep = cuts_for(&KeepScan(&view), &all, layers.len(), counts, |c| c.0, "weights")?;
             let grows_any = match counts {
                 Counts::Global { grow, .. } => *grow > 0,
                 Counts::PerLayer(c) => c.iter().any(|x| x.1 > 0),
             };
-            let grow = if grows_any {
-                cuts_for(&GrowScan { view: &view, keep: &keep }, &all, layers.len(), counts, |c| c.1, "grow scores")?
+            let fc = allow_fast.then(|| fast::cuts(&view, layers.len(), counts, grows_any)).flatten();
+            if let Some(cuts) = fc {
+                (cuts, true)
             } else {
-                vec![Cut::none(); all.len()]
-            };
-            (keep, grow)
+                let keep = cuts_for(&KeepScan(&view), &all, layers.len(), counts, |c| c.0, "weights")?;
+                let grow = if grows_any {
+                    cuts_for(&GrowScan { view: &view, keep: &keep }, &all, layers.len(), counts, |c| c.1, "grow scores")?
+                } else {
+                    vec![Cut::none(); all.len()]
+                };
+                ((keep, grow), false)
+            }
         };
-        Ok(write(layers, &all, &keep_cuts, &grow_cuts))
+        let ((keep_cuts, grow_cuts), fast) = keep_cuts;
+        let st = write(layers, &all, &keep_cuts, &grow_cuts);
+        Ok((st, fast))
     })
 }
 
@@ -303,11 +324,35 @@ impl<K: RadixKey> Simple<K> {
 }
 
 fn write_simple<T: Score, G: Score>(s: &mut SpanMut<'_, T, G>, keep: Simple<T::Key>, grow: Simple<G::Key>, zero: T) -> LayerStats {
+    let mut out = LayerStats::default();
+    let mut start = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd::level() >= 2 {
+        let g = s.grow.map_or(Some(None), |g| fast::same_type::<G, f32>(g).map(Some));
+        if let (Some(w), Some(g)) = (fast::same_type_mut::<T, f32>(s.weight), g) {
+            let mut states: Vec<&mut [f32]> = s.states.iter_mut().filter_map(|x| fast::same_type_mut::<T, f32>(x)).collect();
+            let k = Simple { min: keep.min.to_u64() as u32, any: keep.any };
+            let gr = Simple { min: grow.min.to_u64() as u32, any: grow.any };
+            // SAFETY: level 2 means this CPU runs AVX-512 (F, VL, BW, DQ).
+            start = unsafe { avx512::write_f32(w, s.mask, g, &mut states, k, gr, &mut out) };
+        }
+    }
+    let st = write_simple_from(s, keep, grow, zero, start);
+    LayerStats { kept: out.kept + st.kept, grown: out.grown + st.grown, dropped: out.dropped + st.dropped }
+}
+
+/// The generic writing pass over elements `start..` of a piece.
+fn write_simple_from<T: Score, G: Score>(
+    s: &mut SpanMut<'_, T, G>,
+    keep: Simple<T::Key>,
+    grow: Simple<G::Key>,
+    zero: T,
+    mut start: usize,
+) -> LayerStats {
     const CHUNK: usize = 256;
     let (mut kept, mut grown, mut dropped) = (0u64, 0u64, 0u64);
     let mut stay = [false; CHUNK];
     let n = s.weight.len();
-    let mut start = 0;
     while start < n {
         let end = (start + CHUNK).min(n);
         let (w, m) = (&mut s.weight[start..end], &mut s.mask[start..end]);
@@ -404,10 +449,17 @@ pub fn zero_off<T: Score>(xs: &mut [&mut [T]], masks: &[&[bool]]) -> Result<(), 
             }
         }
         pairs.par_iter_mut().for_each(|(x, m)| {
-            for (v, &on) in x.iter_mut().zip(m.iter()) {
-                if !on {
-                    *v = zero;
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if simd::level() >= 2 {
+                if let Some(x32) = fast::same_type_mut::<T, f32>(x) {
+                    // SAFETY: level 2 means this CPU runs AVX-512 (F, VL, BW, DQ).
+                    done = unsafe { avx512::zero_off_f32(x32, m) };
                 }
+            }
+            // Branch-free (a select the compiler vectorises): masks are random, a branch would mispredict.
+            for (v, &on) in x[done..].iter_mut().zip(&m[done..]) {
+                *v = if on { *v } else { zero };
             }
         });
         Ok(())

@@ -175,3 +175,155 @@ fn count_and_zero_off() {
     assert_eq!(x, vec![0.0, 2.0, -3.0]);
     assert!(zero_off::<f32>(&mut [&mut x], &[&a]).is_err());
 }
+
+/// Continuous values (few ties) on `sizes`, density ~1/3 active; `zero_active`: that fraction of the
+/// active weights is exactly zero (connections grown at the last update).
+fn case_continuous(seed: &mut u64, sizes: &[usize], zero_active: f64) -> Case {
+    let mut c = Case { w: Vec::new(), m: Vec::new(), g: Vec::new() };
+    let unit = |s: &mut u64| (lcg(s) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0;
+    for &n in sizes {
+        let mask: Vec<bool> = (0..n).map(|_| lcg(seed) % 3 == 0).collect();
+        let w = (0..n)
+            .map(|i| {
+                let x = unit(seed);
+                if mask[i] && (lcg(seed) % 1000) as f64 >= zero_active * 1000.0 { x } else { 0.0 }
+            })
+            .collect();
+        c.g.push((0..n).map(|_| unit(seed)).collect());
+        c.w.push(w);
+        c.m.push(mask);
+    }
+    c
+}
+
+fn run_with(c: &Case, counts: &Counts, grow: bool, fast: bool) -> ((Vec<Vec<bool>>, Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<LayerStats>), bool) {
+    let mut w = c.w.clone();
+    let mut m = c.m.clone();
+    let mut s: Vec<Vec<f32>> = c.w.iter().map(|v| v.iter().map(|_| 1.0).collect()).collect();
+    let mut layers: Vec<Layer<'_, f32, f32>> = w
+        .iter_mut()
+        .zip(m.iter_mut())
+        .zip(s.iter_mut())
+        .zip(&c.g)
+        .map(|(((w, m), s), g)| Layer { weight: w, mask: m, grow: grow.then_some(&g[..]), states: vec![&mut s[..]] })
+        .collect();
+    let (stats, used) = update_with(&mut layers, counts, fast).unwrap();
+    drop(layers);
+    ((m, w, s, stats), used)
+}
+
+fn rigl_counts(c: &Case, frac: f64) -> (u64, u64) {
+    let active: u64 = c.m.iter().map(|v| v.iter().filter(|&&b| b).count() as u64).sum();
+    let keep = active - (frac * active as f64 + 0.5) as u64;
+    (keep, active - keep)
+}
+
+#[test]
+fn one_pass_path_equals_general_passes_and_reference() {
+    let mut seed = 11u64;
+    // Sizes with tails that are not multiples of the 16-wide blocks, several pieces, a tiny layer.
+    let sizes = [70_001usize, 3, 200_000, 65_536, 17];
+    for (zero_active, frac) in [(0.0, 0.3), (0.3, 0.3), (0.0, 0.05), (0.5, 0.5)] {
+        let c = case_continuous(&mut seed, &sizes, zero_active);
+        let (keep, grow) = rigl_counts(&c, frac);
+        let counts = Counts::Global { keep, grow };
+        let (fast, used) = run_with(&c, &counts, true, true);
+        let (general, _) = run_with(&c, &counts, true, false);
+        assert!(used, "continuous data should take the one-pass path (zeros {zero_active}, frac {frac})");
+        assert!(fast == general, "zeros {zero_active} frac {frac}");
+        assert!(fast.0 == reference(&c, keep as usize, grow as usize, true));
+        // Per layer (a third kept, as many grown), and magnitude-style keep only.
+        let per: Vec<(u64, u64)> = c
+            .m
+            .iter()
+            .map(|v| {
+                let a = v.iter().filter(|&&b| b).count() as u64;
+                (a / 3, (a - a / 3).min(v.len() as u64 - a / 3))
+            })
+            .collect();
+        let (f, used) = run_with(&c, &Counts::PerLayer(per.clone()), true, true);
+        assert!(used, "per layer: one-pass path");
+        assert!(f == run_with(&c, &Counts::PerLayer(per.clone()), true, false).0, "per layer");
+        let keep_only = Counts::Global { keep: keep / 2, grow: 0 };
+        let (f, used) = run_with(&c, &keep_only, false, true);
+        assert!(used && f == run_with(&c, &keep_only, false, false).0);
+    }
+}
+
+#[test]
+fn one_pass_path_on_ties_and_edge_counts() {
+    // Quantised values (heavy ties: the bracket may miss and fall back, the answer must not change),
+    // keep nothing (gradient top-k), keep everything, grow everything.
+    let mut seed = 5u64;
+    for levels in [3u64, 50, 5000] {
+        let c = case(&mut seed, &[150_000, 9, 70_000], levels);
+        let active: u64 = c.m.iter().map(|v| v.iter().filter(|&&b| b).count() as u64).sum();
+        let n: u64 = c.m.iter().map(|v| v.len() as u64).sum();
+        for (keep, grow) in [(active * 7 / 10, active * 3 / 10), (0, n / 10), (active, 0), (active, n - active), (1, 1)] {
+            let counts = Counts::Global { keep, grow };
+            let g = grow > 0;
+            let (fast, _) = run_with(&c, &counts, g, true);
+            let (general, _) = run_with(&c, &counts, g, false);
+            assert!(fast == general, "levels {levels} keep {keep} grow {grow}");
+            assert!(fast.0 == reference(&c, keep as usize, grow as usize, true), "levels {levels} keep {keep} grow {grow}");
+        }
+    }
+}
+
+#[test]
+fn every_simd_build_gives_the_same_bits() {
+    let mut seed = 21u64;
+    let c = case_continuous(&mut seed, &[130_007, 65_536, 33], 0.2);
+    let (keep, grow) = rigl_counts(&c, 0.3);
+    let counts = Counts::Global { keep, grow };
+    let runs: Vec<_> = [0u8, 1, 2]
+        .iter()
+        .map(|&cap| {
+            simd::TEST_CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
+            let out = run_with(&c, &counts, true, true);
+            let mut g = c.g.clone();
+            let masks: Vec<&[bool]> = c.m.iter().map(|m| &m[..]).collect();
+            let mut gs: Vec<&mut [f32]> = g.iter_mut().map(|x| &mut x[..]).collect();
+            zero_off(&mut gs, &masks).unwrap();
+            (out, g)
+        })
+        .collect();
+    simd::TEST_CAP.store(u8::MAX, std::sync::atomic::Ordering::Relaxed);
+    assert!(runs[0].0 .1, "one-pass path taken");
+    assert!(runs.windows(2).all(|p| p[0] == p[1]));
+    // The gradient masking writes +0.0 (not -0.0, not x * 0) everywhere off the mask.
+    for (g, (m, orig)) in runs[0].1.iter().zip(c.m.iter().zip(&c.g)) {
+        for i in 0..g.len() {
+            assert_eq!(g[i].to_bits(), if m[i] { orig[i].to_bits() } else { 0 });
+        }
+    }
+}
+
+#[test]
+fn one_pass_path_reports_nan_like_the_general_passes() {
+    let mut seed = 9u64;
+    let c = case_continuous(&mut seed, &[100_000], 0.0);
+    let (keep, grow) = rigl_counts(&c, 0.3);
+    let counts = Counts::Global { keep, grow };
+    let on = c.m[0].iter().position(|&b| b).unwrap();
+    let off = c.m[0].iter().position(|&b| !b).unwrap();
+    // NaN weight among the active; NaN grow score at an eligible (inactive) connection.
+    for (which, at) in [("w", on), ("g", off)] {
+        let mut bad = Case { w: c.w.clone(), m: c.m.clone(), g: c.g.clone() };
+        if which == "w" { bad.w[0][at] = f32::NAN } else { bad.g[0][at] = f32::NAN }
+        let mut w = bad.w.clone();
+        let mut m = bad.m.clone();
+        let mut layers = vec![Layer { weight: &mut w[0][..], mask: &mut m[0][..], grow: Some(&bad.g[0][..]), states: vec![] }];
+        let err = update(&mut layers, &counts).unwrap_err();
+        let want = if which == "w" { "weights" } else { "grow scores" };
+        assert_eq!(err, CoreError::NanInput { arg: want });
+        drop(layers);
+        assert!(m == bad.m, "nothing written");
+    }
+    // A NaN grow score where the connection is kept is never ranked: no error.
+    let mut ok = Case { w: c.w.clone(), m: c.m.clone(), g: c.g.clone() };
+    let best = (0..ok.w[0].len()).filter(|&i| ok.m[0][i]).max_by(|&a, &b| ok.w[0][a].abs().total_cmp(&ok.w[0][b].abs())).unwrap();
+    ok.g[0][best] = f32::NAN;
+    let (out, used) = run_with(&ok, &counts, true, true);
+    assert!(used && out.0[0][best]);
+}
