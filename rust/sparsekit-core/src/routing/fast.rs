@@ -517,28 +517,7 @@ unsafe fn rows_avx512(
 /// The widest build of [`rows`] this CPU runs: 0 portable, 1 AVX2, 2 AVX-512 (`SPARSEKIT_SIMD=0|1`
 /// caps it, to test and compare the others). Detected once per process.
 pub(super) fn simd_level() -> u8 {
-    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(detect_simd_level)
-}
-
-fn detect_simd_level() -> u8 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let cap = std::env::var("SPARSEKIT_SIMD").ok().and_then(|v| v.trim().parse::<u8>().ok()).unwrap_or(2);
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("popcnt");
-        let avx512 = avx2
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512dq");
-        (if avx512 { 2 } else if avx2 { 1 } else { 0 }).min(cap)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        0
-    }
+    crate::simd::level()
 }
 
 /// [`rows_impl`] on the build `level` (from [`simd_level`]; same answer on every level).
