@@ -101,3 +101,72 @@ def test_cli_help_is_plain_text():
 def test_dir_lists_only_the_public_api():
     assert "annotations" not in dir(sparsekit)
     assert set(sparsekit.__all__) <= set(dir(sparsekit))
+
+
+# ---------------------------------------------------------------------------- the output buffer cache
+def _blocksparse_case(seed: int = 0):  # type: ignore[no-untyped-def]
+    """A block-sparse product whose output (512 x 1024 float32, 2 MiB) comes from the cache."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(32, 16, generator=gen) < 0.3
+    w = sparsekit.BlockSparseMatrix.from_dense(torch.randn(1024, 512, generator=gen), (32, 32), mask=mask)
+    x = torch.randn(512, 512, generator=gen)
+    return x, w, x @ w.to_dense().T
+
+
+def test_buffer_cache_reuses_freed_outputs_and_keeps_results_right():
+    sparsekit.set_buffer_cache_limit(64)
+    try:
+        sparsekit.empty_buffer_cache()
+        x, w, ref = _blocksparse_case()
+        y1 = sparsekit.ops.bsr_linear(x, w)
+        torch.testing.assert_close(y1, ref, rtol=1e-5, atol=1e-4)
+        ptr = y1.data_ptr()
+        y2 = sparsekit.ops.bsr_linear(x, w)
+        assert y2.data_ptr() != ptr  # both alive: never the same memory
+        del y1
+        info = sparsekit.buffer_cache_info()
+        assert info["idle_buffers"] == 1 and info["idle_bytes"] == 512 * 1024 * 4
+        y3 = sparsekit.ops.bsr_linear(x * 2, w)  # takes the freed buffer, overwrites it fully
+        assert y3.data_ptr() == ptr
+        torch.testing.assert_close(y3, 2 * ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(y2, ref, rtol=1e-5, atol=1e-4)
+        sparsekit.empty_buffer_cache()
+        del y2, y3
+        assert sparsekit.buffer_cache_info()["idle_buffers"] == 2
+        sparsekit.empty_buffer_cache()
+        assert sparsekit.buffer_cache_info()["idle_bytes"] == 0
+    finally:
+        sparsekit.set_buffer_cache_limit(1024)
+
+
+def test_buffer_cache_off_and_over_limit():
+    x, w, ref = _blocksparse_case(1)
+    try:
+        for limit_mb in (0, 1):  # off; on with a cap below the 2 MiB output
+            sparsekit.set_buffer_cache_limit(limit_mb)
+            y = sparsekit.ops.bsr_linear(x, w)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+            del y
+            assert sparsekit.buffer_cache_info()["idle_buffers"] == 0
+    finally:
+        sparsekit.set_buffer_cache_limit(1024)
+    for bad in (-1, "1", None, True, float("nan")):
+        with pytest.raises(ValueError, match="mb"):
+            sparsekit.set_buffer_cache_limit(bad)  # type: ignore[arg-type]
+
+
+def test_buffer_cache_routing_plan_matches_fresh_memory():
+    logits = torch.randn(70000, 16, generator=torch.Generator().manual_seed(2))
+    sparsekit.set_buffer_cache_limit(0)
+    try:
+        fresh = sparsekit.moe.route(logits, 2)
+    finally:
+        sparsekit.set_buffer_cache_limit(1024)
+    # the cached outputs hold a previous plan's bytes before they are overwritten
+    for _ in range(3):
+        other = sparsekit.moe.route(logits.flip(0), 2)
+        del other
+        cached = sparsekit.moe.route(logits, 2)
+        assert torch.equal(cached.expert_ids, fresh.expert_ids)
+        assert torch.equal(cached.order, fresh.order)
+        assert torch.equal(cached.weights, fresh.weights)

@@ -73,6 +73,24 @@ def get_num_threads() -> int:
 def build_profile() -> str:
     """"release" or "debug"."""
 
+# ---- buffer cache (rust/sparsekit-py/src/buffers.rs) ----
+buffer_cache_min_bytes: int
+
+class CachedBuffer:
+    """Owner of one cached buffer: the base object of the arrays ``cached_empty`` returns."""
+
+def cached_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 array of ``nbytes`` (>= buffer_cache_min_bytes), 2 MiB aligned, from the cache."""
+
+def buffer_cache_stats() -> tuple[int, int, int]:
+    """(idle buffers, idle bytes, limit in bytes)."""
+
+def buffer_cache_set_limit(nbytes: int) -> None:
+    """Cap the idle bytes (0 turns the cache off), freeing the oldest idle buffers over it."""
+
+def buffer_cache_clear() -> None:
+    """Free every idle buffer."""
+
 # ---- routing (rust/sparsekit-py/src/routing.rs) ----
 __all__ += ["route_topk", "route_tables", "route_plan", "moe_permute", "moe_gather_sum", "moe_unpermute", "moe_unpermute_backward"]
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsekit import _buffers
 from sparsekit.blocksparse import BlockSparseMatrix, block_rows
 
 BACKENDS: Dict[str, Any] = {}
@@ -91,7 +92,7 @@ class _CpuBackend:
 
     @staticmethod
     def _out(numel: int, dtype: torch.dtype) -> Tensor:
-        return torch.empty(numel, dtype=dtype)
+        return _buffers.empty(numel, dtype)
 
     def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         """``x @ W^T``."""

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .. import _core
+from .. import _buffers, _core
 from .. import _cuda
 from .. import _cuda_route as _cr
 
@@ -122,14 +122,15 @@ def _route_rust(logits: torch.Tensor, bias: torch.Tensor | None, k: int, score: 
     T, E = x.shape
     n = T * k
     # every output preallocated here and written in place by one Rust call (gate + tables, GIL released)
-    ids = torch.empty((T, k), dtype=torch.int64)
-    sel = torch.empty((T, k), dtype=ct)
-    w = torch.empty((T, k), dtype=ct)
-    order = torch.empty(n, dtype=torch.int64)
-    inverse = torch.empty(n, dtype=torch.int64)
+    # (large ones from the buffer cache: reused across steps, no page faults)
+    ids = _buffers.empty((T, k), torch.int64)
+    sel = _buffers.empty((T, k), ct)
+    w = _buffers.empty((T, k), ct)
+    order = _buffers.empty(n, torch.int64)
+    inverse = _buffers.empty(n, torch.int64)
     counts = torch.empty(E, dtype=torch.int64)
     offsets = torch.empty(E + 1, dtype=torch.int64)
-    kept = torch.empty((T, k), dtype=torch.bool)
+    kept = _buffers.empty((T, k), torch.bool)
     b = None if bias is None else bias.detach().to(ct).contiguous().numpy()
     _core.route_plan(x.reshape(-1).numpy(), b, str(ct).replace("torch.", ""), E, k, score, G, TG, mode, normalize,
                      float(scale), capacity, drop_policy, ids.view(-1).numpy(), sel.view(-1).numpy(), w.view(-1).numpy(),

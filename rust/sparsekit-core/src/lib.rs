@@ -6,11 +6,13 @@
 //! - [`routing`]: MoE routing tables; [`balance`]: load-balance counters.
 //! - [`comm`]: gradient communication planner (buckets, size classes, shards).
 //! - [`spmm`]: CPU block-sparse GEMM; [`sparsity`]: dynamic sparse training mask updates.
-//! - [`pages`]: huge-page advice for large fresh output buffers (spmm, routing); [`simd`]: the vector
+//! - [`buffers`]: the cache of large output buffers (reused across a training loop's steps);
+//!   [`pages`]: huge-page advice for large fresh output buffers (spmm, routing); [`simd`]: the vector
 //!   build this CPU runs (routing, sparsity).
 //! - [`pool`]: the rayon thread pool every parallel routine runs in (sized by `SPARSEKIT_NUM_THREADS`,
 //!   rebuilt after `fork`).
 
+pub mod buffers;
 pub mod error;
 pub mod pages;
 pub mod simd;

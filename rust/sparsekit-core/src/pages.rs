@@ -25,17 +25,21 @@ mod sys {
 /// only for large buffers: the benchmark compares both in one process; a user whose kernel stalls
 /// compacting memory for huge pages can opt out).
 pub fn prefer_huge_pages<T>(buf: &mut [T]) {
-    let bytes = std::mem::size_of_val(buf);
+    prefer_huge_pages_raw(buf.as_mut_ptr() as *mut u8, std::mem::size_of_val(buf));
+}
+
+/// [`prefer_huge_pages`] on the `bytes` bytes at `start` (memory the caller owns; it may be uninitialised).
+pub fn prefer_huge_pages_raw(start: *mut u8, bytes: usize) {
     if bytes < MIN_BYTES || std::env::var_os("SPARSEKIT_HUGEPAGES").is_some_and(|v| v == "0") {
         return;
     }
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
-        let start = buf.as_mut_ptr() as usize;
+        let start = start as usize;
         let (lo, hi) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
         if hi > lo {
-            // SAFETY: [lo, hi) lies inside `buf`, which we borrow mutably; MADV_HUGEPAGE changes only how
+            // SAFETY: [lo, hi) lies inside the caller's buffer; MADV_HUGEPAGE changes only how
             // the range is backed, never its contents.
             unsafe {
                 sys::madvise(lo as *mut std::ffi::c_void, hi - lo, sys::MADV_HUGEPAGE);

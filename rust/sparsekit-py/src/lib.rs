@@ -3,6 +3,7 @@
 
 mod arrays;
 mod balance;
+mod buffers;
 mod comm;
 mod error;
 mod routing;
@@ -43,6 +44,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
     // One register() per core module, each in its own file.
+    buffers::register(m)?;
     routing::register(m)?;
     balance::register(m)?;
     comm::register(m)?;
