@@ -341,6 +341,63 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX-512 forms of the AVX2 bound and ranking (same answers: they count the same comparisons),
+    //! one 16-lane compare and a mask popcount where the AVX2 forms need two halves and movemasks.
+    use std::arch::x86_64::*;
+
+    /// [`super::avx2::kth16`]: for every lane at once, how many lanes are above it (15 rotations), then
+    /// the least lane value with fewer than k above it.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt")]
+    #[inline]
+    pub unsafe fn kth16(lm: &[f32; 16], k: usize) -> f32 {
+        // SAFETY: a load of a 16-element array
+        let v = unsafe { _mm512_loadu_ps(lm.as_ptr()) };
+        let one = _mm512_set1_epi32(1);
+        let mut above = _mm512_setzero_si512();
+        let mut rot = _mm512_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0);
+        for _ in 0..15 {
+            let r = _mm512_permutexvar_ps(rot, v);
+            above = _mm512_mask_add_epi32(above, _mm512_cmp_ps_mask::<_CMP_GT_OQ>(r, v), above, one);
+            rot = _mm512_and_si512(_mm512_add_epi32(rot, one), _mm512_set1_epi32(15));
+        }
+        let ok = _mm512_cmplt_epi32_mask(above, _mm512_set1_epi32(k as i32));
+        _mm512_mask_reduce_min_ps(ok, v)
+    }
+
+    /// [`super::avx2::rank8`] with the (at most 32) keys in two zmm registers.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt")]
+    #[inline]
+    pub unsafe fn rank8(cv: &mut [f32], ci: &[i32], nc: usize, div: Option<f32>, out: &mut [(usize, f32)]) {
+        let k = out.len();
+        assert!(cv.len() >= 32 && ci.len() >= nc && k <= 8);
+        if nc > 32 {
+            // SAFETY: AVX2 is enabled here (the insertion-list fallback)
+            return unsafe { super::avx2::rank8(cv, ci, nc, div, out) };
+        }
+        if let Some(z) = div {
+            for v in cv[..nc].iter_mut() {
+                *v /= z;
+            }
+        }
+        cv[nc..32].fill(f32::NEG_INFINITY);
+        // SAFETY: 32 <= cv.len(), asserted above
+        let (k0, k1) = unsafe { (_mm512_loadu_ps(cv.as_ptr()), _mm512_loadu_ps(cv.as_ptr().add(16))) };
+        let mut slots = [(0usize, 0.0f32); 9]; // slot 8 takes every rank >= k
+        for t in 0..nc {
+            let vv = _mm512_set1_ps(cv[t]);
+            let gt = (_mm512_cmp_ps_mask::<_CMP_GT_OQ>(k0, vv) as u32) | ((_mm512_cmp_ps_mask::<_CMP_GT_OQ>(k1, vv) as u32) << 16);
+            let eq = (_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(k0, vv) as u32) | ((_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(k1, vv) as u32) << 16);
+            // equal keys count when they sit at an earlier candidate position (lower index)
+            let before = (1u32 << t).wrapping_sub(1);
+            let r = ((gt | (eq & before)).count_ones() as usize).min(8);
+            slots[if r < k { r } else { 8 }] = (ci[t] as usize, cv[t]);
+        }
+        out.copy_from_slice(&slots[..k]);
+    }
+}
+
 /// Scratch of one task.
 pub(super) struct Bufs {
     pub scores: Vec<f32>,
@@ -417,7 +474,7 @@ fn rows_impl<const AVX2: bool, const AVX512: bool>(
             // under lo divides to a score strictly below the k-th (no candidate lost, ties kept).
             let (mx, m) = row_max(xr);
             // SAFETY: AVX2 is enabled in this build (AVX2 = true only inside rows_avx2 / rows_avx512)
-            let bx = unsafe { avx2::kth16(&mx, k) };
+            let bx = unsafe { if AVX512 { avx512::kth16(&mx, k) } else { avx2::kth16(&mx, k) } };
             let be = exp_nonpos_f32(bx - m);
             let lo = if be >= 1e-20 { be * (1.0 - 1.0 / 262_144.0) } else { 0.0 };
             // SAFETY: as above
@@ -426,7 +483,13 @@ fn rows_impl<const AVX2: bool, const AVX512: bool>(
                 return false;
             }
             // SAFETY: as above
-            unsafe { avx2::rank8(&mut buf.cv, &buf.ci, nc, Some(z), &mut pairs[..k]) };
+            unsafe {
+                if AVX512 {
+                    avx512::rank8(&mut buf.cv, &buf.ci, nc, Some(z), &mut pairs[..k])
+                } else {
+                    avx2::rank8(&mut buf.cv, &buf.ci, nc, Some(z), &mut pairs[..k])
+                }
+            };
             emit(g, &pairs[..k], &mut ids[o.clone()], &mut sel[o.clone()], &mut w[o], hist.as_deref_mut());
             continue;
         }
@@ -445,7 +508,7 @@ fn rows_impl<const AVX2: bool, const AVX512: bool>(
         #[cfg(target_arch = "x86_64")]
         if fast_topk {
             // SAFETY: as above
-            let bound = unsafe { avx2::kth16(&lane_max(choice), k) };
+            let bound = unsafe { if AVX512 { avx512::kth16(&lane_max(choice), k) } else { avx2::kth16(&lane_max(choice), k) } };
             // SAFETY: as above
             unsafe { avx2::topk8(choice, bound, &mut buf.cv, &mut buf.ci, &mut pairs[..k]) };
             for p in pairs[..k].iter_mut() {
