@@ -3,11 +3,12 @@
 - planner: plan_buckets vs torch.distributed._compute_bucket_assignment_by_size, 10,000 fp32 params
   (from tensors, from (nbytes, key) pairs, from an int64 byte array), lists of buckets included,
   interleaved rounds, medians of 31;
-- step: one training step of a ~50M-parameter MLP on 2 gloo processes: GradientSync vs DDP (same
+- step: one training step of a ~50M-parameter MLP (16.8 MB weights, each its own bucket) on 2 gloo
+  processes, and step_small (25M parameters in 1 MiB weights, fused into buckets): GradientSync vs DDP (same
   bucket size) vs a per-parameter all-reduce loop, interleaved rounds, medians;
 - topk: TopKCompression(0.01) bytes per step vs dense and loss after the same steps (2 gloo processes).
 
-Run: PYTHONPATH=$PWD/python .venv/bin/python benches/bench_comm.py [planner|step|topk ...]
+Run: PYTHONPATH=$PWD/python .venv/bin/python benches/bench_comm.py [planner|step|step_small|topk ...]
 """
 
 import multiprocessing as mp
@@ -58,11 +59,11 @@ def _mlp(width=2048, depth=12):
     return torch.nn.Sequential(*layers)
 
 
-def _step_worker(rank, world, path, q, rounds):
+def _step_worker(rank, world, path, q, rounds, width=2048, depth=12):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    x = torch.randn(8, 2048, generator=torch.Generator().manual_seed(rank))
-    m_sync, m_ddp, m_loop = _mlp(), _mlp(), _mlp()
+    x = torch.randn(8, width, generator=torch.Generator().manual_seed(rank))
+    m_sync, m_ddp, m_loop = _mlp(width, depth), _mlp(width, depth), _mlp(width, depth)
     n_params = sum(p.numel() for p in m_sync.parameters())
     sync = GradientSync(m_sync, bucket_cap_mb=25)
     ddp = torch.nn.parallel.DistributedDataParallel(m_ddp, bucket_cap_mb=25)
@@ -113,12 +114,17 @@ def _spawn(target, world, *args):
     return out
 
 
-def step(rounds: int = 7) -> None:
-    n, med = _spawn(_step_worker, 2, rounds)
+def step(rounds: int = 7, width: int = 2048, depth: int = 12) -> None:
+    n, med = _spawn(_step_worker, 2, rounds, width, depth)
     s = med["GradientSync"]
-    print(f"train step, {n / 1e6:.1f}M params, 2 gloo ranks, bucket 25 MB (median of {rounds}): "
-          f"GradientSync {s * 1e3:.0f} ms | DDP {med['DDP'] * 1e3:.0f} ms ({med['DDP'] / s:.2f}x) | "
-          f"per-param loop {med['per-param loop'] * 1e3:.0f} ms ({med['per-param loop'] / s:.2f}x)")
+    print(f"train step, {n / 1e6:.1f}M params ({depth} layers of {width}x{width}), 2 gloo ranks, bucket 25 MB "
+          f"(median of {rounds}): GradientSync {s * 1e3:.0f} ms | DDP {med['DDP'] * 1e3:.0f} ms "
+          f"({med['DDP'] / s:.2f}x) | per-param loop {med['per-param loop'] * 1e3:.0f} ms ({med['per-param loop'] / s:.2f}x)")
+
+
+def step_small(rounds: int = 7) -> None:
+    """The step with 1 MiB weights, which are fused into 25 MB buckets (the large ones travel alone)."""
+    step(rounds, width=512, depth=96)
 
 
 def _topk_worker(rank, world, path, q, steps):
@@ -160,9 +166,9 @@ def topk(steps: int = 600) -> None:
 
 
 def main() -> None:
-    cases = sys.argv[1:] or ["planner", "step", "topk"]
+    cases = sys.argv[1:] or ["planner", "step", "step_small", "topk"]
     for c in cases:
-        {"planner": planner, "step": step, "topk": topk}[c]()
+        {"planner": planner, "step": step, "step_small": step_small, "topk": topk}[c]()
 
 
 if __name__ == "__main__":

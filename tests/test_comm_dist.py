@@ -28,12 +28,12 @@ def _data(step: int, n: int):
     return torch.randn(n, 8, generator=g), torch.randn(n, 4, generator=g)
 
 
-def _reference(steps: int, world: int, per: int, accum: int):
+def _reference(steps: int, world: int, per: int, accum: int, set_to_none: bool = True):
     torch.manual_seed(0)
     m = Net()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     for s in range(steps):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         for k in range(accum):
             x, y = _data(s * accum + k, per * world)
             (torch.nn.functional.mse_loss(m(x), y) / accum).backward()
@@ -41,13 +41,13 @@ def _reference(steps: int, world: int, per: int, accum: int):
     return [p.detach().clone() for p in m.parameters()]
 
 
-def _train(rank: int, world: int, steps: int, per: int, accum: int, cap: float):
+def _train(rank: int, world: int, steps: int, per: int, accum: int, cap: float, set_to_none: bool = True):
     torch.manual_seed(0)
     m = Net()
     sync = GradientSync(m, bucket_cap_mb=cap)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     for s in range(steps):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         for k in range(accum):
             x, y = _data(s * accum + k, per * world)
             xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
@@ -74,6 +74,11 @@ def _worker(rank, world, path, q):
         ref = _reference(2, world, 4, 2)
         got = _train(rank, world, 2, 4, 2, cap=25)
         out["no_sync"] = max((a - b).abs().max().item() for a, b in zip(ref, got))
+        # gradients zeroed in place: they are views into the bucket buffers and accumulate there
+        for name, (steps, accum, cap) in {"in_place": (4, 1, 0.0005), "in_place_no_sync": (3, 3, 25)}.items():
+            ref = _reference(steps, world, 4, accum, set_to_none=False)
+            got = _train(rank, world, steps, 4, accum, cap=cap, set_to_none=False)
+            out[name] = max((a - b).abs().max().item() for a, b in zip(ref, got))
         # a rank with a different model: clear error on every rank, no hang
         torch.manual_seed(0)
         try:
@@ -251,6 +256,7 @@ def test_matches_full_batch(results):
 def test_no_sync_accumulation(results):
     for out in results.values():
         assert out["no_sync"] < 1e-5
+        assert out["in_place"] < 1e-5 and out["in_place_no_sync"] < 1e-5
 
 
 def test_mismatched_model_clear_error(results):

@@ -54,6 +54,11 @@ class GradientSync:
     which gradients became ready in the first step is recorded, rank 0's order is broadcast, and the
     buckets are re-planned in that order (as DDP does).
 
+    Fused buckets live in one flat buffer each, allocated once; after ``finish()`` the gradients of their
+    parameters are views into it (like DDP's ``gradient_as_bucket_view=True``), so a gradient zeroed and
+    accumulated in place is reduced without being copied in or out, and a fresh one (``zero_grad()``'s
+    default ``set_to_none=True``) is copied in once.
+
     Buckets launch in plan order on every rank (a bucket waits for all earlier ones), so the sequence
     of collectives is always identical. Unused parameters: no per-step scan; ``finish()`` launches
     the buckets still open, with zeros for gradients that never arrived. Call ``finish()`` before
@@ -114,6 +119,7 @@ class GradientSync:
         if sorted(i for b in plan.buckets for i in b) != list(range(len(self.params))):
             raise ValueError("plan: buckets must hold every trainable parameter index exactly once")
         self.plan = plan
+        self._buffers: dict[int, torch.Tensor] = {}  # bucket -> its persistent flat buffer (see _flat)
         self._bucket_of = {i: b for b, idx in enumerate(plan.buckets) for i in idx}
         self._class = plan.classes
 
@@ -155,7 +161,25 @@ class GradientSync:
         g = ps[0].grad
         if len(ps) == 1 and g is not None and g.is_contiguous() and self.compression is None:
             return g.view(-1)  # a lone parameter is reduced in place: no copy in, no copy out
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+        if self.compression is not None or self._kind(b)[0] == "reduce_scatter":
+            return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+        # All-reduced buckets live in one buffer per bucket, kept across steps (no fresh allocation, so no
+        # page faults, every step). After the reduction the gradients become views into it (`_write`), so
+        # a gradient accumulated in place (zero_grad(set_to_none=False), no_sync) is already in the
+        # buffer and is neither copied in nor out; a fresh one (set_to_none=True) is copied in once.
+        buf = self._buffers.get(b)
+        if buf is None:
+            buf = self._buffers[b] = torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+        off = 0
+        for p in ps:
+            n = p.numel()
+            view = buf[off : off + n]
+            if p.grad is None:
+                view.zero_()
+            elif p.grad.data_ptr() != view.data_ptr() or not p.grad.is_contiguous():
+                view.view_as(p).copy_(p.grad)
+            off += n
+        return buf
 
     def shard(self, b: int) -> tuple[int, int]:
         """This rank's element range ``[start, end)`` of bucket ``b``'s flat buffer (reduce_scatter)."""
@@ -229,8 +253,10 @@ class GradientSync:
             p = self.params[i]
             n = p.numel()
             g = flat[off : off + n].view_as(p)
-            if p.grad is not None and p.grad.data_ptr() == g.data_ptr() and p.grad.numel() == n:
+            if p.grad is not None and p.grad.data_ptr() == g.data_ptr() and p.grad.numel() == n and p.grad.is_contiguous():
                 pass  # reduced in place
+            elif b in self._buffers and flat is self._buffers[b]:
+                p.grad = g  # the gradient becomes a view into the bucket buffer (see _flat)
             elif p.grad is None:
                 p.grad = g.clone()
             else:
