@@ -8,11 +8,28 @@ only), so a training loop's steps write into memory that is already mapped. See 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 
 from . import _core
+
+
+_bypass = False
+
+
+@contextlib.contextmanager
+def bypassed() -> Iterator[None]:
+    """Inside, outputs are fresh ``torch.empty`` tensors and the cache is left as it is (benchmarks compare
+    both in one process)."""
+    global _bypass
+    old, _bypass = _bypass, True
+    try:
+        yield
+    finally:
+        _bypass = old
 
 
 def empty(shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
@@ -20,6 +37,6 @@ def empty(shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
     and the cache is on (``SPARSEKIT_BUFFER_CACHE_MB``, default 1024; 0 turns it off)."""
     dims = (shape,) if isinstance(shape, int) else tuple(shape)
     nbytes = math.prod(dims) * dtype.itemsize
-    if nbytes < _core.buffer_cache_min_bytes or _core.buffer_cache_stats()[2] < nbytes:
+    if _bypass or nbytes < _core.buffer_cache_min_bytes or _core.buffer_cache_stats()[2] < nbytes:
         return torch.empty(dims, dtype=dtype)
     return torch.from_numpy(_core.cached_empty(nbytes)).view(dtype).view(dims)
