@@ -114,20 +114,13 @@ fn free(ptr: NonNull<u8>, bytes: usize) {
 impl Drop for Buffer {
     fn drop(&mut self) {
         let (ptr, bytes) = (self.ptr, self.bytes);
-        let mut evicted = Vec::new();
         if let Ok(mut c) = cache().try_lock() {
             if bytes <= c.limit {
                 c.idle.push(Idle { ptr, bytes });
                 c.idle_bytes += bytes;
-                while c.idle_bytes > c.limit {
-                    let old = c.idle.remove(0);
-                    c.idle_bytes -= old.bytes;
-                    evicted.push(old);
-                }
+                let evicted = over_limit(&mut c);
                 drop(c);
-                for old in evicted {
-                    free(old.ptr, old.bytes);
-                }
+                evicted.into_iter().for_each(|b| free(b.ptr, b.bytes));
                 return;
             }
         }
@@ -135,20 +128,24 @@ impl Drop for Buffer {
     }
 }
 
+/// Takes the oldest idle buffers out of `c` until its idle bytes fit the limit (the caller frees them
+/// after releasing the lock).
+fn over_limit(c: &mut Cache) -> Vec<Idle> {
+    let mut n = 0;
+    while c.idle_bytes > c.limit {
+        c.idle_bytes -= c.idle[n].bytes;
+        n += 1;
+    }
+    c.idle.drain(..n).collect()
+}
+
 /// Cap the idle bytes the cache keeps (0 turns it off); frees the oldest idle buffers over the cap.
 pub fn set_limit(bytes: usize) {
     let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
     c.limit = bytes;
-    let mut evicted = Vec::new();
-    while c.idle_bytes > c.limit {
-        let old = c.idle.remove(0);
-        c.idle_bytes -= old.bytes;
-        evicted.push(old);
-    }
+    let evicted = over_limit(&mut c);
     drop(c);
-    for old in evicted {
-        free(old.ptr, old.bytes);
-    }
+    evicted.into_iter().for_each(|b| free(b.ptr, b.bytes));
 }
 
 /// (idle buffers, idle bytes, limit in bytes).
