@@ -74,10 +74,9 @@ def build_profile() -> str:
     """"release" or "debug"."""
 
 # ---- buffer cache (rust/sparsekit-py/src/buffers.rs) ----
-buffer_cache_min_bytes: int
+__all__ += ["buffer_cache_min_bytes", "cached_empty", "buffer_cache_stats", "buffer_cache_set_limit", "buffer_cache_clear"]
 
-class CachedBuffer:
-    """Owner of one cached buffer: the base object of the arrays ``cached_empty`` returns."""
+buffer_cache_min_bytes: int
 
 def cached_empty(nbytes: int) -> np.ndarray:
     """An uninitialised uint8 array of ``nbytes`` (>= buffer_cache_min_bytes), 2 MiB aligned, from the cache."""

@@ -9,7 +9,8 @@ use sparsekit_core::buffers::{self, Buffer};
 
 use crate::error::to_py;
 
-/// Owner of one cached buffer (the numpy array's base object); dropping it returns the buffer.
+/// Owner of one cached buffer (the numpy array's base object); dropping it returns the buffer. Not added
+/// to the module: nothing constructs it from Python.
 #[pyclass(frozen, module = "sparsekit._core")]
 pub struct CachedBuffer {
     _buf: Buffer,
@@ -47,7 +48,6 @@ fn buffer_cache_clear() {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<CachedBuffer>()?;
     m.add("buffer_cache_min_bytes", buffers::MIN_BYTES)?;
     m.add_function(wrap_pyfunction!(cached_empty, m)?)?;
     m.add_function(wrap_pyfunction!(buffer_cache_stats, m)?)?;
