@@ -376,14 +376,19 @@ mod avx512 {
             // SAFETY: AVX2 is enabled here (the insertion-list fallback)
             return unsafe { super::avx2::rank8(cv, ci, nc, div, out) };
         }
-        if let Some(z) = div {
-            for v in cv[..nc].iter_mut() {
-                *v /= z;
-            }
-        }
         cv[nc..32].fill(f32::NEG_INFINITY);
         // SAFETY: 32 <= cv.len(), asserted above
-        let (k0, k1) = unsafe { (_mm512_loadu_ps(cv.as_ptr()), _mm512_loadu_ps(cv.as_ptr().add(16))) };
+        let (mut k0, mut k1) = unsafe { (_mm512_loadu_ps(cv.as_ptr()), _mm512_loadu_ps(cv.as_ptr().add(16))) };
+        if let Some(z) = div {
+            // the same IEEE division per candidate as the scalar loop, 16 at a time (-inf padding stays -inf)
+            let zv = _mm512_set1_ps(z);
+            (k0, k1) = (_mm512_div_ps(k0, zv), _mm512_div_ps(k1, zv));
+            // SAFETY: as above
+            unsafe {
+                _mm512_storeu_ps(cv.as_mut_ptr(), k0);
+                _mm512_storeu_ps(cv.as_mut_ptr().add(16), k1);
+            }
+        }
         let mut slots = [(0usize, 0.0f32); 9]; // slot 8 takes every rank >= k
         for t in 0..nc {
             let vv = _mm512_set1_ps(cv[t]);
