@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from sparsekit import _buffers
+from sparsekit._arrays import DTYPE_TAGS, HALF, bits
 from sparsekit.blocksparse import BlockSparseMatrix, block_rows
 
 BACKENDS: Dict[str, Any] = {}
@@ -33,7 +33,7 @@ def _backend(x: torch.Tensor) -> Any:
     ``sparsekit.testing.simulated_cuda()``, for CPU tensors (run on the CPU shim); else by device type."""
     from . import _cuda
 
-    if _cuda.runs_on_device(x) and x.dtype in (torch.float32, torch.float64, *_HALF):
+    if _cuda.runs_on_device(x) and x.dtype in (torch.float32, torch.float64, *HALF):
         if "cuda" not in BACKENDS:
             from ._cuda_spmm import OpsBackend
 
@@ -45,16 +45,17 @@ def _backend(x: torch.Tensor) -> Any:
 
 
 def _np(t: torch.Tensor) -> Any:
-    return t.detach().contiguous().reshape(-1).numpy()
+    """The flat numpy view the Rust kernels borrow (16-bit floats as int16 bits; a non-contiguous tensor is
+    copied first)."""
+    return bits(t.contiguous())
 
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _f32(t: Tensor) -> Tensor:
     """float16/bfloat16 -> float32 for the kernels (every backend accumulates in float32; the ops round the
     result back once); other dtypes unchanged."""
-    return t.float() if t.dtype in _HALF else t
+    return t.float() if t.dtype in HALF else t
 
 
 def _kernel_input(backend: Any, t: Tensor) -> Tensor:
@@ -63,14 +64,7 @@ def _kernel_input(backend: Any, t: Tensor) -> Tensor:
     return t if t.dtype in getattr(backend, "native_half", ()) else _f32(t)
 
 
-_KERNEL_TAGS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def _bits(t: Tensor) -> Any:
-    """A flat numpy view of ``t`` for the Rust kernels: float32 as is, float16/bfloat16 as int16 views of
-    their raw bits (numpy has no bfloat16; nothing is converted or copied for a contiguous tensor)."""
-    flat = t.detach().contiguous().reshape(-1)
-    return (flat.view(torch.int16) if t.dtype in _HALF else flat).numpy()
+_KERNEL_TAGS = {d: DTYPE_TAGS[d] for d in (torch.float32, *HALF)}  # no float64 kernel: gradcheck uses the reference
 
 
 class _CpuBackend:
@@ -78,7 +72,7 @@ class _CpuBackend:
     as they are, read as raw bits, accumulated in float32 and rounded once into a result of their own
     dtype); other dtypes (float64, for gradcheck) use a plain torch reference (dense gather)."""
 
-    native_half = _HALF
+    native_half = HALF
 
     def _layout(self, w: Any) -> list:
         return [_np(w.row_offsets), _np(w.col_indices), _np(w.t_offsets), _np(w.t_perm), _np(w.t_row_indices)]
@@ -101,8 +95,8 @@ class _CpuBackend:
             return x @ _dense(w).to(x.dtype).T
         from sparsekit import _core
         out = self._out(x.shape[0] * w.shape[0], x.dtype)
-        _core.bsr_kernel("linear", w.shape, w.block, self._layout(w), _bits(x), _bits(w.values), x.shape[0],
-                         _bits(out), tag)
+        _core.bsr_kernel("linear", w.shape, w.block, self._layout(w), _np(x), _np(w.values), x.shape[0],
+                         _np(out), tag)
         return out.reshape(x.shape[0], w.shape[0])
 
     def linear_grad_input(self, dy: torch.Tensor, w: Any) -> torch.Tensor:
@@ -112,8 +106,8 @@ class _CpuBackend:
             return dy @ _dense(w).to(dy.dtype)
         from sparsekit import _core
         out = self._out(dy.shape[0] * w.shape[1], dy.dtype)
-        _core.bsr_kernel("linear_grad_input", w.shape, w.block, self._layout(w), _bits(dy), _bits(w.values),
-                         dy.shape[0], _bits(out), tag)
+        _core.bsr_kernel("linear_grad_input", w.shape, w.block, self._layout(w), _np(dy), _np(w.values),
+                         dy.shape[0], _np(out), tag)
         return out.reshape(dy.shape[0], w.shape[1])
 
     def sdd(self, a: torch.Tensor, b: torch.Tensor, w: Any) -> torch.Tensor:
@@ -128,7 +122,7 @@ class _CpuBackend:
             return blocks[rows, w.col_indices]
         from sparsekit import _core
         out = self._out(w.nnz_blocks * bh * bw, a.dtype)
-        _core.bsr_kernel("sdd", w.shape, w.block, self._layout(w), _bits(a), _bits(b), a.shape[0], _bits(out),
+        _core.bsr_kernel("sdd", w.shape, w.block, self._layout(w), _np(a), _np(b), a.shape[0], _np(out),
                          tag)
         return out.reshape(w.nnz_blocks, bh, bw)
 

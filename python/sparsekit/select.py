@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import _core, _cuda
+from ._arrays import DTYPE_TAGS, bits
 
 __all__ = [
     "kth_largest",
@@ -38,12 +39,6 @@ ScoreOrder = Literal["abs", "value"]
 Interpolation = Literal["linear", "lower", "higher", "midpoint", "nearest"]
 BlockNorm = Literal["l1", "l2", "max"]
 
-_DTYPE_TAGS = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-}
 _INTERPOLATIONS = ("linear", "lower", "higher", "midpoint", "nearest")
 
 
@@ -51,7 +46,7 @@ _INTERPOLATIONS = ("linear", "lower", "higher", "midpoint", "nearest")
 def _check_tensor(x: object, arg: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPE_TAGS:
+    if x.dtype not in DTYPE_TAGS:
         raise TypeError(f"{arg} has dtype {x.dtype}; supported: float32, float64, float16, bfloat16")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{arg} is on device {x.device}; only cpu and cuda tensors are supported")
@@ -103,9 +98,7 @@ def _flat_bits(x: torch.Tensor) -> np.ndarray:
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
     if flat.data_ptr() % flat.element_size():  # e.g. torch.frombuffer(..., offset=1): numpy needs alignment
         flat = flat.clone()
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.view(torch.int16)
-    return flat.numpy()
+    return bits(flat)
 
 
 def _cuda_select():
@@ -196,7 +189,7 @@ def _topk_masks(
             return _cuda_select().topk_masks([t.contiguous() for t in xs], kk, order, out=outs)
         masks = outs if outs is not None else [torch.empty(t.shape, dtype=torch.bool) for t in xs]
         _core.topk_masks(
-            [_flat_bits(t) for t in xs], [m.view(-1).numpy() for m in masks], _DTYPE_TAGS[xs[0].dtype], kk, order
+            [_flat_bits(t) for t in xs], [m.view(-1).numpy() for m in masks], DTYPE_TAGS[xs[0].dtype], kk, order
         )
     except ValueError as exc:
         raise _name_nan_tensor(exc, xs, names) from None
@@ -265,7 +258,7 @@ def nm_mask(
         return _cuda_select().nm_mask(x.contiguous(), n, m, dim, by, out=mask)
     inner = math.prod(x.shape[dim + 1 :])
     mask = mask if mask is not None else torch.empty(x.shape, dtype=torch.bool)
-    _core.nm_mask(_flat_bits(x), mask.view(-1).numpy(), _DTYPE_TAGS[x.dtype], length, inner, n, m, by)
+    _core.nm_mask(_flat_bits(x), mask.view(-1).numpy(), DTYPE_TAGS[x.dtype], length, inner, n, m, by)
     return mask
 
 
@@ -339,7 +332,7 @@ def block_topk_mask(
             _flat_bits(x),
             mask.view(-1).numpy(),
             block_mask.view(-1).numpy(),
-            _DTYPE_TAGS[x.dtype],
+            DTYPE_TAGS[x.dtype],
             (rows, cols),
             (bh, bw),
             kk,
@@ -353,7 +346,7 @@ def _kth_values(x: torch.Tensor, ranks: list[int], by: str) -> torch.Tensor:
     """The rank-th largest scores as a 1-D tensor of ``x``'s dtype on ``x``'s device."""
     if _on_device(x):
         return _cuda_select().kth_values(x.contiguous(), ranks, by)
-    values = _core.kth_values([_flat_bits(x)], _DTYPE_TAGS[x.dtype], ranks, by)
+    values = _core.kth_values([_flat_bits(x)], DTYPE_TAGS[x.dtype], ranks, by)
     return torch.tensor(values, dtype=torch.float64).to(x.dtype)  # exact: every value is one of x's
 
 

@@ -13,24 +13,22 @@ import numpy.typing as npt
 import torch
 
 from .. import _core
+from .._arrays import DTYPE_TAGS, bits
 from .. import _cuda
 from ._routing import RoutingPlan
-
-_RUST_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _rust(*ts: torch.Tensor) -> bool:
     """CPU tensors of one supported dtype take the Rust kernels (CUDA tensors, and CPU tensors inside
     ``simulated_cuda()``, take the torch gathers)."""
     t0 = ts[0]
-    return (t0.device.type == "cpu" and t0.dtype in _RUST_DTYPES and all(t.dtype == t0.dtype for t in ts)
+    return (t0.device.type == "cpu" and t0.dtype in DTYPE_TAGS and all(t.dtype == t0.dtype for t in ts)
             and not _cuda.runs_on_device(t0))  # fmt: skip
 
 
 def _flat(t: torch.Tensor) -> npt.NDArray[np.generic]:
-    """A contiguous tensor as the flat numpy view Rust borrows (half precision as int16 bits)."""
-    t = t.reshape(-1)
-    return (t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t).numpy()
+    """The flat numpy view Rust borrows (a non-contiguous input is copied first)."""
+    return bits(t.contiguous())
 
 
 def _row_width(t: torch.Tensor) -> int:
@@ -45,7 +43,7 @@ def _permute_op(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: 
     if _rust(x):
         x = x.contiguous()
         out = x.new_empty((order.shape[0],) + tuple(x.shape[1:]))
-        _core.moe_permute(_flat(x), _row_width(x), order.numpy(), inverse.numpy(), k, _flat(out), _RUST_DTYPES[x.dtype])
+        _core.moe_permute(_flat(x), _row_width(x), order.numpy(), inverse.numpy(), k, _flat(out), DTYPE_TAGS[x.dtype])
         return out
     return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
 
@@ -62,7 +60,7 @@ def _gather_sum_op(g: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, 
     if _rust(g):
         g = g.contiguous()
         gx = g.new_empty((T,) + tuple(g.shape[1:]))
-        _core.moe_gather_sum(_flat(g), _row_width(g), order.numpy(), inverse.numpy(), k, _flat(gx), _RUST_DTYPES[g.dtype])
+        _core.moe_gather_sum(_flat(g), _row_width(g), order.numpy(), inverse.numpy(), k, _flat(gx), DTYPE_TAGS[g.dtype])
         return gx
     return g.index_select(0, inverse).view(T, k, *g.shape[1:]).sum(1)
 
@@ -96,7 +94,7 @@ def _unpermute_op(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, i
         w = weights.to(y.dtype).contiguous()
         out = y.new_empty((T,) + tuple(y.shape[1:]))
         _core.moe_unpermute(_flat(y), _row_width(y), _flat(w), order.numpy(), inverse.numpy(), k, _flat(out),
-                            _RUST_DTYPES[y.dtype])  # fmt: skip
+                            DTYPE_TAGS[y.dtype])  # fmt: skip
         return out
     yy = y.index_select(0, inverse).view(T, k, *y.shape[1:])
     return (yy * weights.to(y.dtype).view(T, k, *([1] * (y.dim() - 1)))).sum(1)
@@ -127,7 +125,7 @@ def _unpermute_bwd_op(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, o
         gy = torch.empty_like(y)
         gw = torch.empty(weights.shape, dtype=y.dtype)
         _core.moe_unpermute_backward(_flat(g), _flat(y), _row_width(y), _flat(w), order.numpy(), inverse.numpy(), k,
-                                     _flat(gy), _flat(gw), _RUST_DTYPES[y.dtype])  # fmt: skip
+                                     _flat(gy), _flat(gw), DTYPE_TAGS[y.dtype])  # fmt: skip
         return gy, gw.to(weights.dtype)
     gy, gw = _unpermute_grads_torch(g, y, weights, order, inverse, k)
     return gy.contiguous(), gw.contiguous()

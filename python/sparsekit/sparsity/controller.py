@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import _core
+from .._arrays import DTYPE_TAGS, bits
 from ..select import global_topk_masks, nm_mask, topk_mask
 from .schedules import Constant, Schedule
 
@@ -24,15 +25,6 @@ ScoreFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 _METHODS = ("magnitude", "set", "rigl", "gradient_topk")
 _DISTRIBUTIONS = ("uniform", "global", "erk")
 _NEG = float("-inf")
-_TAGS = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    """A flat, writable numpy view of a contiguous CPU tensor (16-bit floats as their int16 bits)."""
-    flat = t.detach().view(-1)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.view(torch.int16)
-    return flat.numpy()
 
 
 def _cpu_flat(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
@@ -48,8 +40,8 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack_mask`."""
     n = math.prod(shape)
-    bits = np.unpackbits(packed.to("cpu").numpy().astype(np.uint8), count=n)
-    return torch.from_numpy(bits.astype(np.bool_)).reshape(shape)
+    unpacked = np.unpackbits(packed.to("cpu").numpy().astype(np.uint8), count=n)
+    return torch.from_numpy(unpacked.astype(np.bool_)).reshape(shape)
 
 
 def erk_counts(shapes: list[tuple[int, ...]], density: float, erk_power: float = 1.0) -> list[int]:
@@ -398,7 +390,7 @@ class DynamicSparsity:
         """Zero masked weights and the optimizer state outside the masks. Off the CPU path, also cache the
         inverted and float masks the torch fallbacks of apply() and the gradient hook use."""
         self._cpu = all(
-            layer.param.dtype in _TAGS and _cpu_flat(layer.param, layer.param.dtype)
+            layer.param.dtype in DTYPE_TAGS and _cpu_flat(layer.param, layer.param.dtype)
             and _cpu_flat(self.masks[layer.name], torch.bool)
             for layer in self.layers
         )
@@ -433,7 +425,7 @@ class DynamicSparsity:
         """``x[~mask] = 0`` in place for contiguous CPU tensors (grouped by dtype for the Rust call)."""
         for dtype in {x.dtype for x, _ in pairs}:
             group = [(x, m) for x, m in pairs if x.dtype == dtype]
-            _core.sparsity_zero_off([_np(x) for x, _ in group], [_np(m) for _, m in group], _TAGS[dtype])
+            _core.sparsity_zero_off([bits(x) for x, _ in group], [bits(m) for _, m in group], DTYPE_TAGS[dtype])
 
     @torch.no_grad()
     def _mask_grads(self) -> None:
@@ -441,10 +433,10 @@ class DynamicSparsity:
         optimizer state ever builds up there: a masked weight cannot be revived by a stale moment."""
         if self._cpu:
             grads = [(layer.param.grad, self.masks[layer.name]) for layer in self.layers if layer.param.grad is not None]
-            fast = [(g, m) for g, m in grads if _cpu_flat(g, g.dtype) and g.dtype in _TAGS]
+            fast = [(g, m) for g, m in grads if _cpu_flat(g, g.dtype) and g.dtype in DTYPE_TAGS]
             self._zero_off(fast)
             for g, m in grads:
-                if not (_cpu_flat(g, g.dtype) and g.dtype in _TAGS):
+                if not (_cpu_flat(g, g.dtype) and g.dtype in DTYPE_TAGS):
                     g.mul_(m.to(g.dtype))
             return
         pairs = [(layer.param.grad, self._keep[layer.name]) for layer in self.layers if layer.param.grad is not None]
@@ -546,7 +538,7 @@ class DynamicSparsity:
         counts, scores and tie order as the torch path (tests/test_sparsity_fused.py compares them)."""
         counts = self._counts(self.schedule.density(t, self.target))
         masks = [self.masks[layer.name] for layer in self.layers]
-        active = [int(a) for a in _core.sparsity_count([_np(m) for m in masks])]
+        active = [int(a) for a in _core.sparsity_count([bits(m) for m in masks])]
         grow_src: list[torch.Tensor] = []
         if self.method == "magnitude":
             keep = min(counts, sum(active)) if isinstance(counts, int) else [min(k, a) for k, a in zip(counts, active)]
@@ -573,15 +565,15 @@ class DynamicSparsity:
         states, owners = [], []
         for i, layer in enumerate(self.layers):
             for v in self._states(layer):
-                states.append(_np(v))
+                states.append(bits(v))
                 owners.append(i)
         glob = isinstance(counts, int)
         keeps = [keep] if isinstance(keep, int) else keep
         grows = [grow] if isinstance(grow, int) else grow
         try:
             out = _core.sparsity_update(
-                [_np(layer.param) for layer in self.layers], [_np(m) for m in masks], [_np(g) for g in grow_src],
-                states, owners, _TAGS[dtype], _TAGS[grow_src[0].dtype] if grow_src else _TAGS[dtype], keeps, grows, glob,
+                [bits(layer.param) for layer in self.layers], [bits(m) for m in masks], [bits(g) for g in grow_src],
+                states, owners, DTYPE_TAGS[dtype], DTYPE_TAGS[grow_src[0].dtype] if grow_src else DTYPE_TAGS[dtype], keeps, grows, glob,
             )
         except ValueError as exc:
             if "NaN" not in str(exc):
