@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,27 @@ def test_buffer_cache_routing_plan_matches_fresh_memory():
         assert torch.equal(cached.expert_ids, fresh.expert_ids)
         assert torch.equal(cached.order, fresh.order)
         assert torch.equal(cached.weights, fresh.weights)
+
+
+def _child_uses_cached_buffers(queue, x, w, ref) -> None:  # type: ignore[no-untyped-def]
+    torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP pool is not fork-safe
+    ok = all(np.allclose(sparsekit.ops.bsr_linear(x, w).numpy(), ref.numpy(), rtol=1e-5, atol=1e-4) for _ in range(3))
+    queue.put((ok, sparsekit.buffer_cache_info()["idle_buffers"]))
+
+
+def test_buffer_cache_in_forked_children():
+    # the parent leaves idle buffers behind; a forked child (a DataLoader worker) takes and returns its own
+    x, w, ref = _blocksparse_case()
+    y = sparsekit.ops.bsr_linear(x, w)
+    del y  # an output made and freed: one idle buffer
+    assert sparsekit.buffer_cache_info()["idle_buffers"] >= 1
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_uses_cached_buffers, args=(queue, x, w, ref))
+    proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():
+        proc.kill()
+    assert proc.exitcode == 0, "forked child hung or crashed"
+    ok, idle = queue.get(timeout=5)
+    assert ok and idle >= 1
