@@ -166,7 +166,79 @@ def comm_cases(scale: float, repeats: int) -> list[Case]:
         return sorted(map(tuple, a)) == sorted(map(tuple, b))  # type: ignore[call-overload,arg-type]
 
     return [_case("comm", f"bucket plan of {count:,} parameters", "torch _compute_bucket_assignment_by_size",
-                  ours, theirs, agree, repeats)]
+                  ours, theirs, agree, repeats), _step_case(scale, repeats)]
+
+
+def _mlp(width: int, depth: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[m for _ in range(depth) for m in (torch.nn.Linear(width, width), torch.nn.ReLU())])
+
+
+def _step_worker(rank: int, path: str, queue: Any, width: int, depth: int, repeats: int) -> None:
+    """One of two gloo ranks: a training step (forward, backward, gradient averaging) with GradientSync and
+    with DDP on the same model and data, interleaved; rank 0 reports the medians and whether the averaged
+    gradients agree."""
+    import torch.distributed as dist
+
+    from .comm import GradientSync
+
+    torch.set_num_threads(1)  # two ranks share the machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    try:
+        x = torch.randn(8, width, generator=torch.Generator().manual_seed(rank))
+        m_sync, m_ddp = _mlp(width, depth), _mlp(width, depth)
+        sync = GradientSync(m_sync, bucket_cap_mb=25)
+        ddp = torch.nn.parallel.DistributedDataParallel(m_ddp, bucket_cap_mb=25)
+
+        def step_sync() -> None:
+            m_sync.zero_grad(set_to_none=False)
+            m_sync(x).square().mean().backward()
+            sync.finish()
+
+        def step_ddp() -> None:
+            ddp.zero_grad(set_to_none=False)
+            ddp(x).square().mean().backward()
+
+        for f in (step_sync, step_ddp, step_sync, step_ddp):  # warm-up; both rebuild their buckets once
+            f()
+        agree = all(torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)  # type: ignore[arg-type]
+                    for a, b in zip(m_sync.parameters(), m_ddp.parameters()))
+        times: dict[str, list[float]] = {"sync": [], "ddp": []}
+        for _ in range(repeats):
+            for name, f in (("sync", step_sync), ("ddp", step_ddp)):
+                dist.barrier()
+                start = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - start)
+        if rank == 0:
+            n = sum(p.numel() for p in m_sync.parameters())
+            queue.put((n, statistics.median(times["sync"]) * 1e3, statistics.median(times["ddp"]) * 1e3, agree))
+    finally:
+        dist.destroy_process_group()
+
+
+def _step_case(scale: float, repeats: int) -> Case:
+    """GradientSync against DDP on 2 gloo processes (spawned: each its own interpreter)."""
+    import multiprocessing as mp
+    import tempfile
+
+    width, depth = (1024, 24) if scale >= 1 else (128, 4)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as d:
+        procs = [ctx.Process(target=_step_worker, args=(r, os.path.join(d, "pg"), queue, width, depth, repeats))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        try:
+            n, ours, theirs, agree = queue.get(timeout=600)
+        finally:
+            for p in procs:
+                p.join(timeout=60)
+                if p.is_alive():
+                    p.kill()
+    return Case("comm", f"train step, {n / 1e6:.1f}M params in {depth} Linear {width}x{width}, 2 gloo ranks, bucket 25 MB",
+                "torch DDP", ours, theirs, bool(agree))
 
 
 def blocksparse_cases(scale: float, repeats: int) -> list[Case]:
