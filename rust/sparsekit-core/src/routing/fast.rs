@@ -1,6 +1,6 @@
 //! The float32 gate kernel: one row at a time, everything in L1, written as fixed-width lane loops so
 //! LLVM vectorises them, and compiled three times (baseline x86-64; AVX2 with an intrinsic top-k;
-//! AVX-512 with 16-lane score loops) behind a runtime check (`SPARSEKIT_SIMD=0|1` caps it).
+//! AVX-512 with 16-lane score loops, bound and ranking) behind a runtime check (`SPARSEKIT_SIMD=0|1` caps it).
 //! All builds compute the scores with the same IEEE operations in the same order (Rust never contracts
 //! `a*b+c` into an FMA) and pick the same top-k, so the answer does not depend on the CPU (tested: each
 //! wider path against the portable one).
