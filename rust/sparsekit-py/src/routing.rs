@@ -58,7 +58,7 @@ fn topk_typed<T: routing::Real + numpy::Element + bytemuck::Pod>(
     let mut outs = slices_mut(&mut sg, "weights")?;
     let (s, w) = outs.split_at_mut(1);
     let (s, w): (&mut [T], &mut [T]) = (&mut s[0], &mut w[0]);
-    let i: &mut [i64] = &mut ids_s[0];
+    let i: &mut [i64] = ids_s[0];
     let xb = x[0];
     let bb = b.first().copied();
     detach(py, || routing::route_topk(xb, bb, &gate, i, s, w))
@@ -131,7 +131,7 @@ pub fn route_tables(
     let mut outs = slices_mut(&mut og, "order")?;
     let mut kg: Vec<PyReadwriteArray1<bool>> = readwrite(&one(&kept), "kept")?;
     let mut ks = slices_mut(&mut kg, "kept")?;
-    let k: &mut [bool] = &mut ks[0];
+    let k: &mut [bool] = ks[0];
     let [o, inv, c, off] = &mut outs[..] else { unreachable!() };
     let idv0 = idv[0];
     let p0 = pv.first().copied();
@@ -166,7 +166,7 @@ fn plan_typed<T: routing::Real + numpy::Element + bytemuck::Pod>(
     let [s, w] = &mut ss[..] else { unreachable!() };
     let mut kg: Vec<PyReadwriteArray1<bool>> = readwrite(&one(kept), "kept")?;
     let mut ks = slices_mut(&mut kg, "kept")?;
-    let kp: &mut [bool] = &mut ks[0];
+    let kp: &mut [bool] = ks[0];
     let xb = x[0];
     let bb = b.first().copied();
     detach(py, || routing::route_plan(xb, bb, &gate, capacity, policy, i, s, w, o, inv, c, off, kp))

@@ -64,7 +64,7 @@ pub fn kth_values(py: Python<'_>, sources: Vec<Bound<'_, PyAny>>, dtype: &str, r
     })
 }
 
-fn single<'a, T: Pod>(xs: Vec<&'a [T]>) -> &'a [T] {
+fn single<T: Pod>(xs: Vec<&[T]>) -> &[T] {
     xs[0]
 }
 
@@ -88,7 +88,7 @@ pub fn nm_mask(
         let xs: &[T] = single(slices(&guards, "x")?);
         let mut out_guards: Vec<PyReadwriteArray1<bool>> = readwrite(&one(&out), "out")?;
         let mut outs = slices_mut(&mut out_guards, "out")?;
-        let o: &mut [bool] = &mut outs[0];
+        let o: &mut [bool] = outs[0];
         detach(py, || select::nm_mask(xs, o, length, inner, n, m, order))
     })
 }

@@ -68,7 +68,7 @@ impl Gate {
         if e == 0 {
             return Err(CoreError::Invalid { arg: "logits", why: "needs at least one expert (E = 0)".into() });
         }
-        if self.n_groups == 0 || e % self.n_groups != 0 {
+        if self.n_groups == 0 || !e.is_multiple_of(self.n_groups) {
             return Err(CoreError::Invalid {
                 arg: "n_groups",
                 why: format!("must be >= 1 and divide the number of experts E={e}, got {}", self.n_groups),
@@ -388,7 +388,7 @@ fn rows_generic<T: Real>(
 fn check_topk_io<T: Real>(logits: &[T], bias: Option<&[T]>, gate: &Gate, ids: usize, sel: usize, weights: usize) -> Result<usize, CoreError> {
     gate.check()?;
     let e = gate.n_experts;
-    if logits.len() % e != 0 {
+    if !logits.len().is_multiple_of(e) {
         return Err(CoreError::Invalid { arg: "logits", why: format!("length {} is not a multiple of E={e}", logits.len()) });
     }
     let rows = logits.len() / e;

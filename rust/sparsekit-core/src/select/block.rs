@@ -32,7 +32,7 @@ impl BlockGrid {
         if self.bh == 0 || self.bw == 0 {
             return Err(CoreError::Invalid { arg: "block", why: format!("block sizes must be positive, got ({}, {})", self.bh, self.bw) });
         }
-        if self.rows % self.bh != 0 || self.cols % self.bw != 0 {
+        if !self.rows.is_multiple_of(self.bh) || !self.cols.is_multiple_of(self.bw) {
             return Err(CoreError::Invalid {
                 arg: "block",
                 why: format!("block ({}, {}) does not divide the shape ({}, {})", self.bh, self.bw, self.rows, self.cols),

@@ -20,7 +20,7 @@ fn check<T>(x: &[T], out: &[bool], len: usize, inner: usize, n: usize, m: usize)
     if n > m {
         return Err(CoreError::Invalid { arg: "n", why: format!("n must be in [0, m={m}], got {n}") });
     }
-    if len % m != 0 {
+    if !len.is_multiple_of(m) {
         return Err(CoreError::Invalid { arg: "m", why: format!("m={m} does not divide the group axis of length {len}") });
     }
     if out.len() != x.len() {
@@ -30,7 +30,7 @@ fn check<T>(x: &[T], out: &[bool], len: usize, inner: usize, n: usize, m: usize)
         arg: "shape",
         why: format!("a row of {len}x{inner} elements overflows the address space"),
     })?;
-    if (row == 0 && !x.is_empty()) || (row > 0 && x.len() % row != 0) {
+    if (row == 0 && !x.is_empty()) || (row > 0 && !x.len().is_multiple_of(row)) {
         return Err(CoreError::Invalid { arg: "shape", why: format!("{} elements do not split into rows of {len}x{inner}", x.len()) });
     }
     Ok(())

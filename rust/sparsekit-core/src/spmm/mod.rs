@@ -85,7 +85,7 @@ impl Layout<'_> {
         if self.bh == 0 || self.bw == 0 {
             return Err(invalid("block", format!("block sizes must be positive, got ({}, {})", self.bh, self.bw)));
         }
-        if self.n % self.bh != 0 || self.k % self.bw != 0 {
+        if !self.n.is_multiple_of(self.bh) || !self.k.is_multiple_of(self.bw) {
             return Err(invalid(
                 "shape",
                 format!("({}, {}) is not divisible by the block ({}, {})", self.n, self.k, self.bh, self.bw),
