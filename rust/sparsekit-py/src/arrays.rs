@@ -31,10 +31,7 @@ pub fn readwrite<'py, E: Element>(arrays: &[Bound<'py, PyAny>], arg: &str) -> Py
         .collect()
 }
 
-pub fn slices<'a, E: Element, T: bytemuck::Pod>(guards: &'a [PyReadonlyArray1<'_, E>], arg: &str) -> PyResult<Vec<&'a [T]>>
-where
-    E: bytemuck::Pod,
-{
+pub fn slices<'a, E: Element + bytemuck::Pod, T: bytemuck::Pod>(guards: &'a [PyReadonlyArray1<'_, E>], arg: &str) -> PyResult<Vec<&'a [T]>> {
     guards
         .iter()
         .map(|g| {

@@ -35,6 +35,7 @@ fn parse_policy(s: &str) -> PyResult<DropPolicy> {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the binding's arguments, passed through
 fn topk_typed<T: routing::Real + numpy::Element + bytemuck::Pod>(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,

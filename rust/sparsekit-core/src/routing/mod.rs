@@ -201,6 +201,7 @@ impl Real for f32 {
 /// Insert `(v, e)` into the descending top list `best[..*len]` of capacity `best.len()`; scanning experts
 /// in ascending order with a strict comparison keeps ties at the lower expert index.
 #[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v > x)` on purpose: a NaN `v` never enters the list
 fn push_top<T: Real>(best: &mut [(T, usize)], len: &mut usize, v: T, e: usize) {
     let cap = best.len();
     if *len == cap && !(v > best[cap - 1].0) {

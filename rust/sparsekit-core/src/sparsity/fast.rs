@@ -227,9 +227,12 @@ fn finish<K, GK>(mut out: Part<K, GK>, b: &Bounds<K, GK>) -> Part<K, GK> {
     out
 }
 
+/// What [`sample`] returns: the samples, how many elements they cover, and the group's element count.
+type Samples<T, G> = (Vec<(bool, <T as Score>::Key, <G as Score>::Key)>, u64, u64);
+
 /// Sampled (active, |w| key, grow key) of one group: runs of `RUN` elements at a fixed stride over the
 /// group's elements in order.
-fn sample<T: Score, G: Score>(view: &View<'_, T, G>, spans: Range<usize>, grows: bool) -> (Vec<(bool, T::Key, G::Key)>, u64, u64) {
+fn sample<T: Score, G: Score>(view: &View<'_, T, G>, spans: Range<usize>, grows: bool) -> Samples<T, G> {
     let lens: Vec<usize> = spans.clone().map(|p| view.spans[p].end - view.spans[p].start).collect();
     let n: u64 = lens.iter().map(|&l| l as u64).sum();
     let target = (n / 32).clamp(SAMPLE_MIN, SAMPLE_MAX);

@@ -183,12 +183,12 @@ fn cuts_for<K: RadixKey, S: Scan<K>>(
         }
         Counts::PerLayer(c) => {
             let mut out = vec![Cut::none(); spans.len()];
-            for layer in 0..n_layers {
+            for (layer, &count) in c.iter().enumerate().take(n_layers) {
                 let ids: Vec<usize> = (0..spans.len()).filter(|&p| spans[p].layer == layer).collect();
                 if ids.is_empty() {
                     continue;
                 }
-                for (&p, cut) in ids.iter().zip(topk_cut(scan, &ids, which(c[layer]), arg)?) {
+                for (&p, cut) in ids.iter().zip(topk_cut(scan, &ids, which(count), arg)?) {
                     out[p] = cut;
                 }
             }

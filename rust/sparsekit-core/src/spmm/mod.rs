@@ -103,8 +103,7 @@ impl Layout<'_> {
         for r in 0..nbr {
             let (s, e) = (self.row_offsets[r] as usize, self.row_offsets[r + 1] as usize);
             let mut prev: i64 = -1;
-            for b in s..e {
-                let c = self.col_indices[b];
+            for (b, &c) in self.col_indices.iter().enumerate().take(e).skip(s) {
                 if c < 0 || c as usize >= nbc {
                     return Err(invalid("col_indices", format!("{c} is outside [0, {nbc})")));
                 }
@@ -226,6 +225,7 @@ fn dsd<T: Elem>(
         if seg0 == seg1 {
             return;
         }
+        #[allow(clippy::redundant_locals)] // the closure captures the whole Send wrapper, not its raw field
         let optr = optr;
         // `tiles(a_strip, c, ldc_c)`: every micro-tile of this task; row r0 of the strip is `a_strip +
         // r0 * kd`, output row r0 / segment seg at `c + r0 * ldc_c + (seg - seg0) * width`.
@@ -378,6 +378,7 @@ fn split_columns<T: Elem>(a: &[T], m: usize, cols: usize, width: usize, used: &[
     let optr = Shared(out.as_mut_ptr());
     let nb = cols / width;
     (0..m.div_ceil(64)).into_par_iter().for_each(|t| {
+        #[allow(clippy::redundant_locals)] // the closure captures the whole Send wrapper, not its raw field
         let optr = optr;
         for row in t * 64..(t * 64 + 64).min(m) {
             for c in (0..nb).filter(|&c| used[c]) {
@@ -436,7 +437,8 @@ fn sdd_on<T: Elem>(isa: Isa, l: &Layout<'_>, a: &[T], b: &[T], m: usize, out: &m
         let ap = split_columns(a, m, n, bh, &used_r);
         let bp = split_columns(b, m, k, bw, &used_c);
         tasks.par_iter().for_each(|&(r, s, e)| {
-            let optr = optr;
+            #[allow(clippy::redundant_locals)] // the closure captures the whole Send wrapper, not its raw field
+        let optr = optr;
             let apr = &ap[r * m * bh..(r + 1) * m * bh];
             // `run(c, panel)`: every k-chunk of the task's blocks into `c` (block `blk` at `c + (blk - s)
             // * bs`); `panel(src, k0, kc, width, buf)` gives the f32 rows k0..k0 + kc of a column panel.
