@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .. import _core
+from .. import _buffers, _core
 from .._arrays import DTYPE_TAGS, bits
 from .. import _cuda
 from ._routing import RoutingPlan
@@ -42,7 +42,7 @@ def _row_width(t: torch.Tensor) -> int:
 def _permute_op(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
     if _rust(x):
         x = x.contiguous()
-        out = x.new_empty((order.shape[0],) + tuple(x.shape[1:]))
+        out = _buffers.empty((order.shape[0],) + tuple(x.shape[1:]), x.dtype)
         _core.moe_permute(_flat(x), _row_width(x), order.numpy(), inverse.numpy(), k, _flat(out), DTYPE_TAGS[x.dtype])
         return out
     return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
@@ -59,7 +59,7 @@ def _gather_sum_op(g: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, 
     T = inverse.shape[0] // k
     if _rust(g):
         g = g.contiguous()
-        gx = g.new_empty((T,) + tuple(g.shape[1:]))
+        gx = _buffers.empty((T,) + tuple(g.shape[1:]), g.dtype)
         _core.moe_gather_sum(_flat(g), _row_width(g), order.numpy(), inverse.numpy(), k, _flat(gx), DTYPE_TAGS[g.dtype])
         return gx
     return g.index_select(0, inverse).view(T, k, *g.shape[1:]).sum(1)
@@ -92,7 +92,7 @@ def _unpermute_op(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, i
     if _rust(y):
         y = y.contiguous()
         w = weights.to(y.dtype).contiguous()
-        out = y.new_empty((T,) + tuple(y.shape[1:]))
+        out = _buffers.empty((T,) + tuple(y.shape[1:]), y.dtype)
         _core.moe_unpermute(_flat(y), _row_width(y), _flat(w), order.numpy(), inverse.numpy(), k, _flat(out),
                             DTYPE_TAGS[y.dtype])  # fmt: skip
         return out
@@ -122,8 +122,8 @@ def _unpermute_bwd_op(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, o
     if _rust(g, y):
         g, y = g.contiguous(), y.contiguous()
         w = weights.to(y.dtype).contiguous()
-        gy = torch.empty_like(y)
-        gw = torch.empty(weights.shape, dtype=y.dtype)
+        gy = _buffers.empty(tuple(y.shape), y.dtype)
+        gw = _buffers.empty(tuple(weights.shape), y.dtype)
         _core.moe_unpermute_backward(_flat(g), _flat(y), _row_width(y), _flat(w), order.numpy(), inverse.numpy(), k,
                                      _flat(gy), _flat(gw), DTYPE_TAGS[y.dtype])  # fmt: skip
         return gy, gw.to(weights.dtype)
