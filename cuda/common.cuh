@@ -51,18 +51,24 @@ __device__ __forceinline__ bool sk_matches(unsigned long long key, unsigned long
     return shift >= 64 || (key >> shift) == prefix;
 }
 
+// The last i in [0, n) with starts[i] <= v, for non-decreasing starts with starts[0] <= v < starts[n]
+// (binary search; block-uniform when v is): the tensor owning a chunk, the block-row holding a block.
+__device__ __forceinline__ long long sk_last_at_most(const long long* __restrict__ starts, long long n, long long v) {
+    long long lo = 0, hi = n;  // invariant: starts[lo] <= v < starts[hi]
+    while (hi - lo > 1) {
+        const long long mid = lo + (hi - lo) / 2;
+        if (starts[mid] <= v) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
 // The tensor table: many tensors seen as one sequence without concatenating them. `chunk_start[t]` is
 // the first chunk (SK_CHUNK elements of one tensor) of tensor t in the global chunk numbering (tensor
 // order, then index order); `chunk_start[num_tensors]` is the chunk count. Empty tensors own no chunk.
-// Returns the tensor owning chunk c: the last t with chunk_start[t] <= c (binary search; block-uniform).
+// Returns the tensor owning chunk c: the last t with chunk_start[t] <= c.
 __device__ __forceinline__ int sk_chunk_owner(const long long* __restrict__ chunk_start, int num_tensors,
                                               long long c) {
-    int lo = 0, hi = num_tensors;  // invariant: chunk_start[lo] <= c < chunk_start[hi]
-    while (hi - lo > 1) {
-        const int mid = lo + (hi - lo) / 2;
-        if (chunk_start[mid] <= c) lo = mid; else hi = mid;
-    }
-    return lo;
+    return (int)sk_last_at_most(chunk_start, num_tensors, c);
 }
 
 // Double-precision add and multiply that the compiler may not fuse into an FMA: block norms must round

@@ -66,12 +66,7 @@ __global__ void spmm_sdd(const T* a, const T* b, const long long* row_offsets, c
     __shared__ T bs[SK_T][SK_T + 1];
     const int tx = threadIdx.x % SK_T, ty = threadIdx.x / SK_T;
     const long long p = blockIdx.x;
-    long long lo = 0, hi = n_rows;  // block-row of p: last r with row_offsets[r] <= p
-    while (hi - lo > 1) {
-        const long long mid = (lo + hi) / 2;
-        if (row_offsets[mid] <= p) lo = mid; else hi = mid;
-    }
-    const long long r = lo, c = col_indices[p];
+    const long long r = sk_last_at_most(row_offsets, n_rows, p), c = col_indices[p];  // block p's block-row
     const int tiles_j = bw / SK_T;
     const int i0 = (blockIdx.y / tiles_j) * SK_T, j0 = (blockIdx.y % tiles_j) * SK_T;
     T acc = (T)0;

@@ -11,6 +11,8 @@
 #include <cuda_bf16.h>
 #include <mma.h>
 
+#include "common.cuh"
+
 #define SK_TC_PAD 24   // smem row pitch of a 16-wide operand tile (elements)
 #define SK_TC_CPAD 20  // smem row pitch of a 16-wide fp32 output tile (elements: 80 B)
 
@@ -130,12 +132,7 @@ __global__ void spmm_tc_sdd(const T* a, const T* b, const long long* row_offsets
     __shared__ __align__(32) float cs[4][16][SK_TC_CPAD];
     const int t = threadIdx.x, warp = t / 32;
     const long long p = blockIdx.x;
-    long long lo = 0, hi = n_rows;  // block-row of p: last r with row_offsets[r] <= p
-    while (hi - lo > 1) {
-        const long long mid = (lo + hi) / 2;
-        if (row_offsets[mid] <= p) lo = mid; else hi = mid;
-    }
-    const long long r = lo, c = col_indices[p];
+    const long long r = sk_last_at_most(row_offsets, n_rows, p), c = col_indices[p];  // block p's block-row
     const int tiles_j = bw / 16;
     const int i0 = (blockIdx.y / tiles_j) * 16, j0 = (blockIdx.y % tiles_j) * 16;
     sk_tc::acc_t acc;
