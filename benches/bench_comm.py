@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sparsekit.bench import _mlp  # the model `python -m sparsekit bench` times too
 from sparsekit.comm import GradientSync, TopKCompression, plan_buckets
 
 
@@ -49,14 +50,6 @@ def planner() -> None:
     print(f"planner 10k params: torch {t_torch * 1e3:.2f} ms | from tensors {t_ours * 1e3:.2f} ms "
           f"({t_torch / t_ours:.2f}x) | from pairs {t_specs * 1e3:.2f} ms ({t_torch / t_specs:.2f}x) | "
           f"from int64 array {t_arr * 1e3:.3f} ms ({t_torch / t_arr:.1f}x)")
-
-
-def _mlp(width=2048, depth=12):
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(depth):
-        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers)
 
 
 def _step_worker(rank, world, path, q, rounds, width=2048, depth=12):
