@@ -21,6 +21,8 @@ use super::{choose_groups, exp_nonpos_f32, push_top, Gate, ScoreFn};
 /// Lanes of the row loops (two AVX2 registers).
 const LANES: usize = 16;
 
+const PREFETCH_ROWS: usize = 4;
+
 /// The 16 lane maxima of `x` (its first `len - len % 16` elements) and the row maximum (NaN ignored).
 #[inline(always)]
 fn row_max(x: &[f32]) -> ([f32; LANES], f32) {
@@ -236,33 +238,43 @@ mod avx2 {
         let (bv, iota) = unsafe { (_mm256_set1_ps(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)) };
         let mut zs = [0.0f32; super::LANES];
         let mut nc = 0usize;
-        for (b, xc) in x[..full].chunks_exact(super::LANES).enumerate() {
-            let mut v = [0.0f32; super::LANES];
-            for i in 0..super::LANES {
-                v[i] = super::exp_nonpos_f32(xc[i] - m);
-                zs[i] += v[i];
-            }
-            if WIDE {
-                // SAFETY: AVX-512F per the contract; 16 stored at nc <= 16 * b, nc + 16 <= full
+        if WIDE {
+            // SAFETY: AVX-512F per the contract
+            let (mv, lov, sixteen) = unsafe { (_mm512_set1_ps(m), _mm512_set1_ps(lo), _mm512_set1_epi32(super::LANES as i32)) };
+            // SAFETY: as above
+            let (mut zv, mut idx) = unsafe { (_mm512_setzero_ps(), iota16()) };
+            for xc in x[..full].chunks_exact(super::LANES) {
+                // SAFETY: AVX-512F per the contract; a load of 16 from a 16-chunk; 16 stored at
+                // nc <= 16 * chunk, so nc + 16 <= full <= cv.len(), ci.len()
                 unsafe {
-                    let y = _mm512_loadu_ps(v.as_ptr());
-                    let msk = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, _mm512_set1_ps(lo));
+                    let y = super::avx512::exp16(_mm512_sub_ps(_mm512_loadu_ps(xc.as_ptr()), mv));
+                    zv = _mm512_add_ps(zv, y);
+                    let msk = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, lov);
                     _mm512_storeu_ps(cv.as_mut_ptr().add(nc), _mm512_maskz_compress_ps(msk, y));
-                    let idx = _mm512_add_epi32(_mm512_set1_epi32((b * super::LANES) as i32), iota16());
                     _mm512_storeu_si512(ci.as_mut_ptr().add(nc) as *mut _, _mm512_maskz_compress_epi32(msk, idx));
+                    idx = _mm512_add_epi32(idx, sixteen);
                     nc += msk.count_ones() as usize;
                 }
-                continue;
             }
-            for h in 0..2 {
-                unsafe {
-                    let y = _mm256_loadu_ps(v.as_ptr().add(8 * h));
-                    let msk = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(y, bv)) as usize;
-                    let perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(PACK[msk].as_ptr() as *const __m128i));
-                    _mm256_storeu_ps(cv.as_mut_ptr().add(nc), _mm256_permutevar8x32_ps(y, perm));
-                    let idx = _mm256_add_epi32(iota, _mm256_set1_epi32((b * super::LANES + 8 * h) as i32));
-                    _mm256_storeu_si256(ci.as_mut_ptr().add(nc) as *mut __m256i, _mm256_permutevar8x32_epi32(idx, perm));
-                    nc += msk.count_ones() as usize;
+            // SAFETY: a store of 16 into a 16-element array
+            unsafe { _mm512_storeu_ps(zs.as_mut_ptr(), zv) };
+        } else {
+            for (b, xc) in x[..full].chunks_exact(super::LANES).enumerate() {
+                let mut v = [0.0f32; super::LANES];
+                for i in 0..super::LANES {
+                    v[i] = super::exp_nonpos_f32(xc[i] - m);
+                    zs[i] += v[i];
+                }
+                for h in 0..2 {
+                    unsafe {
+                        let y = _mm256_loadu_ps(v.as_ptr().add(8 * h));
+                        let msk = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(y, bv)) as usize;
+                        let perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(PACK[msk].as_ptr() as *const __m128i));
+                        _mm256_storeu_ps(cv.as_mut_ptr().add(nc), _mm256_permutevar8x32_ps(y, perm));
+                        let idx = _mm256_add_epi32(iota, _mm256_set1_epi32((b * super::LANES + 8 * h) as i32));
+                        _mm256_storeu_si256(ci.as_mut_ptr().add(nc) as *mut __m256i, _mm256_permutevar8x32_epi32(idx, perm));
+                        nc += msk.count_ones() as usize;
+                    }
                 }
             }
         }
@@ -366,6 +378,48 @@ mod avx512 {
         _mm512_mask_reduce_min_ps(ok, v)
     }
 
+    /// [`super::row_max`] with four independent accumulators and a log-depth reduction (the lane maxima
+    /// and the maximum are the same values: no lane holds NaN, `max_ps(v, acc)` keeps `acc` for a NaN `v`).
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt")]
+    #[inline]
+    pub unsafe fn row_max(x: &[f32]) -> ([f32; 16], f32) {
+        let full = x.len() - x.len() % 16;
+        let mut acc = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+        for (c, ch) in x[..full].chunks_exact(16).enumerate() {
+            // SAFETY: a load of 16 from a 16-chunk
+            acc[c % 4] = _mm512_max_ps(unsafe { _mm512_loadu_ps(ch.as_ptr()) }, acc[c % 4]);
+        }
+        let lm = _mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3]));
+        let mut m = _mm512_reduce_max_ps(lm);
+        for &v in &x[full..] {
+            m = if v > m { v } else { m };
+        }
+        let mut out = [0.0f32; 16];
+        // SAFETY: a store of 16 into a 16-element array
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), lm) };
+        (out, m)
+    }
+
+    /// [`super::super::exp_nonpos_f32`] on 16 lanes, the same operations (so the same bits): rounding
+    /// by `roundscale`, and the final `p * 2^n` in one `scalef` (one rounding, as the split product).
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt")]
+    #[inline]
+    pub unsafe fn exp16(x: __m512) -> __m512 {
+        // max(-104, x) with NaN kept: `max_ps(a, b)` is `a > b ? a : b`, so a NaN `x` passes
+        let x = _mm512_max_ps(_mm512_set1_ps(-104.0), x);
+        let t = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.001_388_89), _mm512_set1_ps(0.008_333_99));
+        p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.041_666_52));
+        p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166_666_57));
+        p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.5));
+        p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0));
+        p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0));
+        _mm512_scalef_ps(p, n)
+    }
+
     /// [`super::avx2::rank8`] with the (at most 32) keys in two zmm registers.
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt")]
     #[inline]
@@ -438,9 +492,9 @@ fn emit(g: &Gate, best: &[(usize, f32)], ids: &mut [i64], sel: &mut [f32], w: &m
         sel[j] = sv;
         total += sv;
     }
-    for j in 0..best.len() {
-        let v = sel[j];
-        w[j] = if g.normalize { v / total } else { v } * scale;
+    // from `best`, not read back from `sel`: a vector load of the scalar stores just made would stall
+    for (wj, &(_, v)) in w.iter_mut().zip(best) {
+        *wj = if g.normalize { v / total } else { v } * scale;
     }
     if let Some(h) = hist {
         for &(ex, _) in best {
@@ -473,11 +527,20 @@ fn rows_impl<const AVX2: bool, const AVX512: bool>(
         let s = &mut buf.scores[..];
         #[cfg(target_arch = "x86_64")]
         if fast_topk && g.score == ScoreFn::Softmax && bias.is_none() {
+            // SAFETY: prefetch is a hint; the address may lie past the end (never dereferenced)
+            unsafe {
+                use std::arch::x86_64::*;
+                let nx = xr.as_ptr().wrapping_add(PREFETCH_ROWS * e) as *const i8;
+                for l in (0..e * 4).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(nx.wrapping_add(l));
+                }
+            }
             // One pass over the numerators, which are never stored: the bound comes from the logits. At
             // least k logits are >= bx (the k-th largest lane maximum), so the k-th largest numerator is
             // >= exp(bx - m) up to exp's ~1 ulp error each way; lo sits 2^-18 below that, so a numerator
             // under lo divides to a score strictly below the k-th (no candidate lost, ties kept).
-            let (mx, m) = row_max(xr);
+            // SAFETY: AVX-512 is enabled in the AVX512 build
+            let (mx, m) = if AVX512 { unsafe { avx512::row_max(xr) } } else { row_max(xr) };
             // SAFETY: AVX2 is enabled in this build (AVX2 = true only inside rows_avx2 / rows_avx512)
             let bx = unsafe { if AVX512 { avx512::kth16(&mx, k) } else { avx2::kth16(&mx, k) } };
             let be = exp_nonpos_f32(bx - m);
@@ -613,4 +676,29 @@ pub(super) fn rows(
     }
     let _ = level;
     rows_impl::<false, false>(x, bias, g, buf, ids, sel, w, hist)
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp16_equals_scalar_exp_bit_for_bit() {
+        use std::arch::x86_64::*;
+        if super::simd_level() < 2 {
+            return; // no AVX-512 here: the wide build never runs
+        }
+        // a dense sweep of [-110, 0] (the subnormal results below about -87 included), and the edges
+        let mut x: Vec<f32> = (0..=1_100_000).map(|i| -(i as f32) * 1e-4).collect();
+        x.extend([f32::NEG_INFINITY, f32::NAN, -0.0, -104.0, -103.972_08, -87.336_55, f32::MIN, -f32::MIN_POSITIVE]);
+        x.resize(x.len().div_ceil(16) * 16, 0.0);
+        for ch in x.chunks_exact(16) {
+            let mut got = [0.0f32; 16];
+            // SAFETY: AVX-512 checked above; 16-element loads and stores
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), super::avx512::exp16(_mm512_loadu_ps(ch.as_ptr()))) };
+            for (&v, &g) in ch.iter().zip(&got) {
+                let want = super::exp_nonpos_f32(v);
+                assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "exp({v}): {g} vs {want}");
+            }
+        }
+    }
 }

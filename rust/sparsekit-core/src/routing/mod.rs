@@ -150,15 +150,24 @@ impl Real for f64 {
 #[inline(always)]
 fn exp_nonpos_f32(x: f32) -> f32 {
     let x = if x < -104.0 { -104.0 } else { x }; // keeps NaN (f32::max would drop it)
-    // round to nearest by the 1.5 * 2^23 trick (vectorises; f32::round is a libm call)
-    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
-    let n = t - 12_582_912.0;
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    // minimax-style polynomial for e^r on [-ln2/2, ln2/2]
-    let p = 1.0
-        + r * (1.0 + r * (0.5 + r * (0.166_666_57 + r * (0.041_666_52 + r * (0.008_333_99 + r * 0.001_388_89)))));
-    // n as an integer straight from t's mantissa (`n as i32` saturates, which does not vectorise)
-    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    // n = rint(x log2 e) by the 1.5 * 2^23 trick (vectorises; f32::round is a libm call)
+    let t = x * std::f32::consts::LOG2_E;
+    let tc = t + 12_582_912.0;
+    let n = tc - 12_582_912.0;
+    // fused multiply-adds: one rounding each, so every build (FMA instructions in the SIMD ones, the
+    // correctly rounded `fmaf` in the portable one) gives the same bits; `exp16` in `fast` is this
+    let r = (-n).mul_add(1.428_606_8e-6, (-n).mul_add(0.693_145_75, x));
+    // minimax-style polynomial for e^r on [-ln2/2, ln2/2], by Horner
+    let mut p = r.mul_add(0.001_388_89, 0.008_333_99);
+    p = r.mul_add(p, 0.041_666_52);
+    p = r.mul_add(p, 0.166_666_57);
+    p = r.mul_add(p, 0.5);
+    p = r.mul_add(p, 1.0);
+    p = r.mul_add(p, 1.0);
+    // p * 2^n with one rounding: 2^n split in two normal halves (p * 2^n1 is exact, the second product
+    // rounds once, into a subnormal if need be); n as an integer straight from tc's mantissa (`n as i32`
+    // saturates, which does not vectorise)
+    let ni = (tc.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let n1 = ni >> 1;
     let n2 = ni - n1;
     let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
@@ -704,6 +713,7 @@ pub fn route_plan<T: Real>(
         let optr = SendPtr(order.as_mut_ptr());
         let iptr = SendPtr(inverse.as_mut_ptr());
         cursors.into_par_iter().enumerate().for_each(|(task, mut cur)| {
+            let (o, inv) = (optr, iptr); // copies in registers (through the captured reference they reload)
             #[allow(clippy::needless_range_loop)] // s is both the slot written and the index read
             for s in task * rpt * k..((task + 1) * rpt * k).min(n) {
                 let b = ids[s] as usize;
@@ -711,8 +721,8 @@ pub fn route_plan<T: Real>(
                 cur[b] += 1;
                 // SAFETY: each (expert, task) owns a disjoint range of positions, p < n; s is this task's.
                 unsafe {
-                    optr.write(p, s as i64);
-                    iptr.write(s, p as i64);
+                    o.write(p, s as i64);
+                    inv.write(s, p as i64);
                 }
             }
         });
