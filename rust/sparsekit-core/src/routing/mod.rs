@@ -481,9 +481,26 @@ impl<T> SendPtr<T> {
     unsafe fn write(self, i: usize, v: T) {
         unsafe { *self.0.add(i) = v };
     }
+    /// Ask for the line of element `i` in a writable state (a hint: `i` may be out of bounds). A
+    /// counting sort's scatter writes one stream per bucket, more than the hardware prefetcher follows,
+    /// so without this each new line of each stream stalls the store queue (measured at T=262144,
+    /// E=256, k=8: the scatter took 10-16 ms, 3.5 ms with it).
+    #[inline(always)]
+    fn prefetch_write(self, i: usize) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch never faults; the address is not dereferenced
+        unsafe {
+            use std::arch::x86_64::*;
+            _mm_prefetch::<_MM_HINT_ET0>(self.0.wrapping_add(i) as *const i8)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = i;
+    }
 }
 
 const SORT_CHUNK: usize = 1 << 14;
+/// How far ahead in its bucket's stream a scatter asks for the line it will write.
+const SCATTER_AHEAD: usize = 32;
 
 /// Stable counting sort of positions `0..n` by `key(s) < buckets`: `order` gets the positions grouped by
 /// bucket (ascending position inside), `inverse` (if given) `order[inverse[s]] == s`. Returns the start of
@@ -524,6 +541,7 @@ fn bucket_sort(n: usize, buckets: usize, key: impl Fn(usize) -> usize + Sync, or
             cur[b] += 1;
             // SAFETY: every (bucket, chunk) owns a disjoint range of positions; p < n; s is this chunk's.
             unsafe {
+                optr.prefetch_write(p + SCATTER_AHEAD);
                 optr.write(p, s as i64);
                 if let Some(ip) = iptr {
                     ip.write(s, p as i64);
@@ -721,6 +739,7 @@ pub fn route_plan<T: Real>(
                 cur[b] += 1;
                 // SAFETY: each (expert, task) owns a disjoint range of positions, p < n; s is this task's.
                 unsafe {
+                    o.prefetch_write(p + SCATTER_AHEAD);
                     o.write(p, s as i64);
                     inv.write(s, p as i64);
                 }
