@@ -41,14 +41,24 @@ def route_expert_choice(logits: torch.Tensor, capacity_factor: float, *, score: 
     sd = s.detach()
     _raise_flag(sd.isnan().any().to(torch.int64).reshape(1), "logits contains NaN (or +inf / an all -inf row under softmax)", logits)
     dev = logits.device
-    # each expert's top-C tokens: a stable descending sort of its column (+0.0 folds -0.0 into +0.0)
-    top = torch.sort(sd.t() + 0.0, dim=1, descending=True, stable=True).indices[:, :C]  # [E, C]
-    kept = torch.zeros(E, T, dtype=torch.bool, device=dev).scatter_(1, top, True).t().contiguous()  # [T, E]
     experts = torch.arange(E, device=dev)
-    key = torch.where(kept, experts, E).reshape(-1)  # slot t*E + e -> its expert, or E when unchosen
-    order = torch.argsort(key, stable=True)
+    # each expert's top-C tokens by selection, not a sort: the C-th largest score, every score above it,
+    # and of the scores equal to it the earliest tokens (+0.0 folds -0.0 into +0.0)
+    st = sd.t() + 0.0  # [E, T]
+    if T > 0:
+        kth = torch.topk(st, C, dim=1).values[:, C - 1 :]
+        above, tied = st > kth, st == kth
+        chosen = above | (tied & (torch.cumsum(tied, 1) <= C - above.sum(1, keepdim=True)))
+    else:
+        chosen = torch.zeros(E, 0, dtype=torch.bool, device=dev)
+    kept = chosen.t().contiguous()  # [T, E]
+    # the plan's order by a counting placement, no sort: expert e's j-th chosen token (in token order)
+    # goes to e*C + j, the unchosen slots after all of them in slot order
     n = T * E
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=dev))
+    flat = kept.reshape(-1)
+    chosen_at = (experts[:, None] * C + torch.cumsum(chosen, 1) - 1).t().reshape(-1)
+    inverse = torch.where(flat, chosen_at, E * C + torch.cumsum(~flat, 0) - 1)
+    order = torch.empty_like(inverse).scatter_(0, inverse, torch.arange(n, device=dev))
     counts = torch.full((E,), C, dtype=torch.int64, device=dev)
     offsets = torch.arange(E + 1, device=dev) * C
     dropped = torch.tensor(n - E * C, dtype=torch.int64, device=dev)
