@@ -229,7 +229,13 @@ fn dsd<T: Elem>(
         let optr = optr;
         // `tiles(a_strip, c, ldc_c)`: every micro-tile of this task; row r0 of the strip is `a_strip +
         // r0 * kd`, output row r0 / segment seg at `c + r0 * ldc_c + (seg - seg0) * width`.
-        let tiles = |ap: *const f32, c: *mut f32, ldc_c: usize| {
+        // the next strip of `a` (likely this thread's next task: rayon splits the range in halves) is
+        // asked for into L2 a slice per micro-tile, so it is there when that task starts
+        let next = a32.map(|a| a.as_ptr().wrapping_add((row0 + rows) * kd) as *const i8);
+        let next_bytes = if row0 + rows < m { mc.min(m - row0 - rows) * kd * 4 } else { 0 };
+        let per_tile = next_bytes.div_ceil(64 * ((seg1 - seg0) * width.div_ceil(nr0) * rows.div_ceil(mr0)).max(1));
+        let mut ahead = 0usize;
+        let mut tiles = |ap: *const f32, c: *mut f32, ldc_c: usize| {
             for seg in seg0..seg1 {
                 let pr = &pairs[seg_off[seg]..seg_off[seg + 1]];
                 for j0 in (0..width).step_by(nr0) {
@@ -253,6 +259,14 @@ fn dsd<T: Elem>(
                                 add: false,
                             };
                             micro(isa, nr0, mr, &tile);
+                        }
+                        if let Some(np) = next {
+                            for _ in 0..per_tile {
+                                if ahead < next_bytes {
+                                    prefetch_l2(np.wrapping_add(ahead));
+                                }
+                                ahead += 64;
+                            }
                         }
                     }
                 }
@@ -281,6 +295,18 @@ fn dsd<T: Elem>(
             }),
         }
     });
+}
+
+/// A hint to bring the line at `p` into L2 (never faults).
+#[inline(always)]
+fn prefetch_l2(p: *const i8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Blocks packed for [`dsd`] (widened to f32), in parallel.
