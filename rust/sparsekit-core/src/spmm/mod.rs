@@ -227,14 +227,14 @@ fn dsd<T: Elem>(
         }
         #[allow(clippy::redundant_locals)] // the closure captures the whole Send wrapper, not its raw field
         let optr = optr;
-        // `tiles(a_strip, c, ldc_c)`: every micro-tile of this task; row r0 of the strip is `a_strip +
-        // r0 * kd`, output row r0 / segment seg at `c + r0 * ldc_c + (seg - seg0) * width`.
         // the next strip of `a` (likely this thread's next task: rayon splits the range in halves) is
         // asked for into L2 a slice per micro-tile, so it is there when that task starts
         let next = a32.map(|a| a.as_ptr().wrapping_add((row0 + rows) * kd) as *const i8);
         let next_bytes = if row0 + rows < m { mc.min(m - row0 - rows) * kd * 4 } else { 0 };
         let per_tile = next_bytes.div_ceil(64 * ((seg1 - seg0) * width.div_ceil(nr0) * rows.div_ceil(mr0)).max(1));
         let mut ahead = 0usize;
+        // `tiles(a_strip, c, ldc_c)`: every micro-tile of this task; row r0 of the strip is `a_strip +
+        // r0 * kd`, output row r0 / segment seg at `c + r0 * ldc_c + (seg - seg0) * width`.
         let mut tiles = |ap: *const f32, c: *mut f32, ldc_c: usize| {
             for seg in seg0..seg1 {
                 let pr = &pairs[seg_off[seg]..seg_off[seg + 1]];
