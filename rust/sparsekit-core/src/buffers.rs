@@ -104,6 +104,11 @@ impl Buffer {
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
+
+    /// The start of the buffer, for reading what was written.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
 }
 
 fn free(ptr: NonNull<u8>, bytes: usize) {
