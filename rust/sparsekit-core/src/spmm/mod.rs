@@ -688,6 +688,12 @@ mod tests {
                         }
                     }
                     close(&y, &yr);
+                    // a 64-byte aligned output too: full aligned lines are streamed (non-temporal)
+                    let mut buf = vec![1f32; m * n + 16];
+                    let skip = buf.as_ptr().align_offset(64);
+                    let ya = &mut buf[skip..skip + m * n];
+                    linear_on(isa, &l, &values, &x, m, ya).unwrap();
+                    assert_eq!(ya, &y[..], "{m} {n} {k} {bh} {bw} {isa:?}");
                     let mut dx = vec![1f32; m * k];
                     linear_grad_input_on(isa, &l, &values, &dy, m, &mut dx).unwrap();
                     let mut dxr = vec![0f32; m * k];
