@@ -191,7 +191,7 @@ unsafe fn micro_avx512<const R: usize, const V: usize>(t: &Tile<'_>) {
     // of the benchmark, its output evicted between calls: 18.2 -> 17.0 ms, and 26.6 -> 25.5 ms with a relu
     // reading the output after it), others are asked for in a writable state now so the stores at the end
     // find them in L1 (on its own: 18.6 -> 15 ms).
-    let stream = !t.add && V == 2 && t.cols == 32 && (t.c as usize) % 64 == 0 && (t.ldc * 4) % 64 == 0;
+    let stream = !t.add && V == 2 && t.cols == 32 && (t.c as usize).is_multiple_of(64) && (t.ldc * 4).is_multiple_of(64);
     if !stream {
         for i in 0..R {
             for v in 0..V {
