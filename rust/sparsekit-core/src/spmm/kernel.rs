@@ -101,6 +101,9 @@ pub struct Tile<'p> {
     pub ldc: usize,
     pub cols: usize,
     pub add: bool,
+    /// The result is final and not read back by the driver: full aligned output lines may bypass the
+    /// cache (AVX-512 non-temporal stores). False where later tiles add onto this one (SDD's k-chunks).
+    pub stream: bool,
 }
 
 /// Scalar micro-kernel (any `cols <= NR_MAX`): the fallback on CPUs without AVX2 and the column-tail
@@ -186,12 +189,17 @@ unsafe fn micro_avx512<const R: usize, const V: usize>(t: &Tile<'_>) {
     };
     let mk = [lane(t.cols), lane(t.cols.saturating_sub(16))];
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    // A tile's R output rows lie a whole output row apart, each line a store the store queue would wait
-    // for. Overwritten full aligned lines are streamed (non-temporal: no read for ownership; 10 % forward
-    // of the benchmark, its output evicted between calls: 18.2 -> 17.0 ms, and 26.6 -> 25.5 ms with a relu
-    // reading the output after it), others are asked for in a writable state now so the stores at the end
-    // find them in L1 (on its own: 18.6 -> 15 ms).
-    let stream = !t.add && V == 2 && t.cols == 32 && (t.c as usize).is_multiple_of(64) && (t.ldc * 4).is_multiple_of(64);
+    // A tile's R output rows lie a whole output row apart, and the store queue waited on each of their
+    // lines. Full aligned lines of a final result are streamed (non-temporal: no read for ownership; the
+    // 10 % forward with its output evicted between calls: 17.6-18.4 -> 16.7-18.0 ms, and with a relu
+    // reading the output after it 25.8-27.6 -> 25.2-25.9 ms); other tiles ask for their lines in a
+    // writable state now, so the stores at the end find them in L1 (on its own: 18.6 -> 15 ms).
+    let stream = t.stream
+        && !t.add
+        && V == 2
+        && t.cols == 32
+        && (t.c as usize).is_multiple_of(64)
+        && (t.ldc * 4).is_multiple_of(64);
     if !stream {
         for i in 0..R {
             for v in 0..V {

@@ -233,6 +233,7 @@ fn dsd<T: Elem>(
         let next_bytes = if row0 + rows < m { mc.min(m - row0 - rows) * kd * 4 } else { 0 };
         let per_tile = next_bytes.div_ceil(64 * ((seg1 - seg0) * width.div_ceil(nr0) * rows.div_ceil(mr0)).max(1));
         let mut ahead = 0usize;
+        let direct = a32.is_some();
         // `tiles(a_strip, c, ldc_c)`: every micro-tile of this task; row r0 of the strip is `a_strip +
         // r0 * kd`, output row r0 / segment seg at `c + r0 * ldc_c + (seg - seg0) * width`.
         let mut tiles = |ap: *const f32, c: *mut f32, ldc_c: usize| {
@@ -257,6 +258,8 @@ fn dsd<T: Elem>(
                                 ldc: ldc_c,
                                 cols,
                                 add: false,
+                                // f32 writes the final output; the half paths' f32 tiles are read back at once
+                                stream: direct,
                             };
                             micro(isa, nr0, mr, &tile);
                         }
@@ -332,9 +335,10 @@ fn pack_all<T: Elem>(isa: Isa, values: &[T], bh: usize, bw: usize, transpose: bo
     let bs = bh * bw;
     let nr0 = isa.nr(if transpose { bh } else { bw });
     let bytes = values.len() * 4;
-    let mut packed = match crate::buffers::Buffer::take(bytes) {
-        Ok(b) if bytes >= crate::buffers::MIN_BYTES => Packed::Cached(b),
-        _ => Packed::Small(vec![0f32; values.len()]),
+    let cached = if bytes >= crate::buffers::MIN_BYTES { crate::buffers::Buffer::take(bytes).ok() } else { None };
+    let mut packed = match cached {
+        Some(b) => Packed::Cached(b),
+        None => Packed::Small(vec![0f32; values.len()]),
     };
     let out: &mut [f32] = match &mut packed {
         Packed::Small(v) => v,
@@ -523,6 +527,7 @@ fn sdd_on<T: Elem>(isa: Isa, l: &Layout<'_>, a: &[T], b: &[T], m: usize, out: &m
                                         ldc: bw,
                                         cols,
                                         add: k0 > 0,
+                                        stream: false,
                                     };
                                     micro(isa, nr0, mr0.min(bh - i0), &tile);
                                 }
