@@ -18,3 +18,9 @@ def bits(t: torch.Tensor) -> np.ndarray:
     an input is acceptable."""
     flat = t.detach().view(-1)
     return (flat.view(torch.int16) if flat.dtype in HALF else flat).numpy()
+
+
+def contiguous_bits(t: torch.Tensor) -> np.ndarray:
+    """:func:`bits` of ``t``, a non-contiguous tensor copied first: for inputs the core only reads, and for
+    outputs allocated contiguous (never copied). Not for tensors the core writes in place."""
+    return bits(t.contiguous())

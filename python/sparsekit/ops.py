@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from sparsekit import _buffers
-from sparsekit._arrays import DTYPE_TAGS, HALF, bits
+from sparsekit._arrays import DTYPE_TAGS, HALF, contiguous_bits
 from sparsekit.blocksparse import BlockSparseMatrix, block_rows
 
 BACKENDS: Dict[str, Any] = {}
@@ -44,12 +44,7 @@ def _backend(x: torch.Tensor) -> Any:
     return BACKENDS[x.device.type]
 
 
-def _np(t: torch.Tensor) -> Any:
-    """The flat numpy view the Rust kernels borrow (16-bit floats as int16 bits; a non-contiguous tensor is
-    copied first)."""
-    return bits(t.contiguous())
-
-
+_np = contiguous_bits  # the flat numpy view the Rust kernels borrow
 
 
 def _f32(t: Tensor) -> Tensor:

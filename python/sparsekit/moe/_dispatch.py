@@ -8,12 +8,10 @@ a double backward (``create_graph=True``) runs differentiable torch gathers."""
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
 from .. import _buffers, _core
-from .._arrays import DTYPE_TAGS, bits
+from .._arrays import DTYPE_TAGS, contiguous_bits
 from .. import _cuda
 from ._routing import RoutingPlan
 
@@ -26,9 +24,7 @@ def _rust(*ts: torch.Tensor) -> bool:
             and not _cuda.runs_on_device(t0))  # fmt: skip
 
 
-def _flat(t: torch.Tensor) -> npt.NDArray[np.generic]:
-    """The flat numpy view Rust borrows (a non-contiguous input is copied first)."""
-    return bits(t.contiguous())
+_flat = contiguous_bits  # the flat numpy view Rust borrows
 
 
 def _row_width(t: torch.Tensor) -> int:
