@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsekit import moe
 
 
-@pytest.mark.parametrize("T,E,cf,score", [(20, 4, 1.0, "softmax"), (33, 5, 2.0, "sigmoid"), (7, 3, 10.0, "softmax")])
-def test_matches_python_reference(T, E, cf, score):
-    logits = torch.randint(-2, 3, (T, E), generator=torch.Generator().manual_seed(T)).float()  # many ties
+def _check_against_reference(logits: torch.Tensor, cf: float, score: str) -> None:
+    T, E = logits.shape
     plan = moe.route_expert_choice(logits, cf, score=score)
     s = (torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)).tolist()
     C = min(T, math.ceil(T * cf / E))
@@ -27,6 +28,22 @@ def test_matches_python_reference(T, E, cf, score):
     slots += [sl for sl in range(T * E) if not want.view(-1)[sl]]
     assert plan.order.tolist() == slots
     assert torch.equal(plan.order[plan.inverse], torch.arange(T * E)) and int(plan.dropped) == T * E - E * C
+
+
+@pytest.mark.parametrize("T,E,cf,score", [(20, 4, 1.0, "softmax"), (33, 5, 2.0, "sigmoid"), (7, 3, 10.0, "softmax")])
+def test_matches_python_reference(T, E, cf, score):
+    logits = torch.randint(-2, 3, (T, E), generator=torch.Generator().manual_seed(T)).float()  # many ties
+    _check_against_reference(logits, cf, score)
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(0, 40), E=st.integers(1, 9), cf=st.floats(0.05, 12.0), score=st.sampled_from(["softmax", "sigmoid"]),
+       levels=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_matches_python_reference_property(T, E, cf, score, levels, seed):
+    # few distinct logit values (down to one) so ties, ties at the C-th score included, are common
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (T, E), generator=gen).float() - levels / 2
+    _check_against_reference(logits, cf, score)
 
 
 def test_permute_unpermute_and_gradients():
